@@ -1,0 +1,195 @@
+"""The baseline experiment as stages that read one artefact and write the next (hloc style):
+
+    images -> features/*.h5 -> vocab_*.npz -> index/ -> ranks -> results.json
+
+Every stage skips work whose artefact already exists with the same settings, so re-running an
+experiment after a crash, or with another search method, reuses what was computed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .bow import BowIndex
+from .config import ExperimentConfig, ExtractConfig, SearchConfig, VocabConfig, save_config, to_dict
+from .errors import DataError, FeatureStoreError
+from .extract import ExtractJob, extract_to_store, jobs_from_paths
+from .featurestore import FeatureStore
+from .imageio import list_images
+from .revisited import RevisitedDataset, evaluate, format_table
+from .vocabulary import Vocabulary
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def store_name(prefix: str, ecfg: ExtractConfig) -> str:
+    return f"{prefix}-{ecfg.extractor}-{_digest([ecfg.params, ecfg.max_side])}.h5"
+
+
+def extract_stage(jobs, store_path, ecfg: ExtractConfig, progress=True):
+    return extract_to_store(jobs, store_path, ecfg.extractor, ecfg.params, ecfg.max_side or None,
+                            ecfg.workers, progress=progress)
+
+
+def read_descriptors(store: FeatureStore, names, variant, beta=0.5, progress=False, desc="read"):
+    out = []
+    for n in tqdm(names, desc=desc, unit="img", disable=not progress):
+        out.append(store.descriptors(n, variant, beta=beta) if n in store else np.zeros((0, 128), np.float32))
+    return out
+
+
+def vocab_stage(train_store_path, vcfg: VocabConfig, out_path, progress=True) -> Vocabulary:
+    """Learn a vocabulary on every image of a training store (subsampled to max_descriptors)."""
+    if os.path.exists(out_path):
+        return Vocabulary.load(out_path)
+    with FeatureStore(train_store_path) as st:
+        names = st.names()
+        descs = read_descriptors(st, names, vcfg.descriptor, vcfg.beta, progress, "load training features")
+    X = np.concatenate(descs) if descs else np.zeros((0, 128), np.float32)
+    if len(X) > vcfg.max_descriptors:
+        rng = np.random.default_rng(vcfg.seed)
+        X = X[np.sort(rng.choice(len(X), vcfg.max_descriptors, replace=False))]
+    voc = Vocabulary(vcfg.size, vcfg.iterations, vcfg.max_points_per_centroid, vcfg.seed)
+    if progress:
+        print(f"k-means: {len(X)} descriptors from {len(names)} images -> {vcfg.size} words ...", flush=True)
+    voc.fit(X)
+    voc.save(out_path)
+    save_config(vcfg, os.path.splitext(out_path)[0] + ".yaml")
+    return voc
+
+
+def assign_all(voc: Vocabulary, descs, k=1, progress=True, desc="assign"):
+    return [voc.assign(d, k) if len(d) else np.zeros((0, k), np.int32)
+            for d in tqdm(descs, desc=desc, unit="img", disable=not progress)]
+
+
+def index_stage(db_store_path, names, voc: Vocabulary, scfg: SearchConfig, vcfg: VocabConfig,
+                out_dir=None, progress=True) -> BowIndex:
+    if scfg.method != "bow":
+        raise DataError(f"search.method {scfg.method!r} is not available in this pipeline; use 'bow'")
+    with FeatureStore(db_store_path) as st:
+        descs = read_descriptors(st, names, vcfg.descriptor, vcfg.beta, progress, "load database features")
+    words = assign_all(voc, descs, scfg.db_ma, progress, "assign database")
+    index = BowIndex(voc.n_words, scfg.threads).fit(words)
+    if out_dir:
+        save_index_dir(out_dir, index, names, voc, scfg, vcfg)
+    return index
+
+
+def save_index_dir(out_dir, index: BowIndex, names, voc: Vocabulary, scfg, vcfg):
+    """An index directory: bow/ (versioned posting lists), names.json, vocab.npz, config.yaml."""
+    os.makedirs(out_dir, exist_ok=True)
+    index.save(os.path.join(out_dir, "bow"))
+    voc.save(os.path.join(out_dir, "vocab.npz"))
+    tmp = os.path.join(out_dir, "names.json.tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"names": list(names), "search": to_dict(scfg), "vocab": to_dict(vcfg)}, fh)
+    os.replace(tmp, os.path.join(out_dir, "names.json"))
+
+
+def load_index_dir(path, threads=1):
+    from .config import from_dict
+
+    try:
+        with open(os.path.join(path, "names.json")) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as exc:
+        from .errors import IndexFormatError
+
+        raise IndexFormatError(f"{path}: not an index directory (names.json unreadable: {exc}); "
+                               "build one with `bowr index build`") from exc
+    index = BowIndex.load(os.path.join(path, "bow"), threads=threads)
+    voc = Vocabulary.load(os.path.join(path, "vocab.npz"))
+    return index, meta["names"], voc, from_dict(SearchConfig, meta["search"]), from_dict(VocabConfig, meta["vocab"])
+
+
+def query_stage(index: BowIndex, voc: Vocabulary, query_descs, scfg: SearchConfig, progress=True):
+    """Full rankings (n_db, n_queries) as revisitop expects, and seconds per query (assign + score)."""
+    t0 = time.time()
+    words = assign_all(voc, query_descs, scfg.query_ma, progress, "assign queries")
+    ranks, _ = index.search(words)
+    dt = (time.time() - t0) / max(len(query_descs), 1)
+    return ranks.T.copy(), dt
+
+
+def query_jobs(ds: RevisitedDataset) -> list:
+    """Queries are cropped to their bounding box; keyed by position (a photo may give several crops)."""
+    return [ExtractJob(f"{i:05d}:{n}", ds.image_path(n), tuple(ds.gnd[i]["bbx"]) if ds.gnd[i]["bbx"] else None)
+            for i, n in enumerate(ds.qimlist)]
+
+
+def run_experiment(dataset_root, train_images, workdir, cfg: ExperimentConfig | None = None,
+                   gnd_file=None, progress=True, log=print) -> dict:
+    """Extract, learn the vocabulary on ``train_images`` (a folder), index, query, evaluate.
+
+    Writes ``<workdir>/results-<dataset>.json`` (table values, per-query AP, timings) with the
+    config next to it, and returns the results dictionary.
+    """
+    cfg = cfg or ExperimentConfig()
+    ds = RevisitedDataset(dataset_root, gnd_file or (cfg.eval.protocols_file or None))
+    os.makedirs(workdir, exist_ok=True)
+    fdir = os.path.join(workdir, "features")
+    timings = {}
+
+    train_paths = list_images(train_images)
+    if not train_paths:
+        raise DataError(f"{train_images}: no training images found")
+    train_store = os.path.join(fdir, store_name("train", cfg.extract))
+    t0 = time.time()
+    rep = extract_stage(jobs_from_paths(train_paths), train_store, cfg.extract, progress)
+    _log_failures(rep, log)
+
+    db_store = os.path.join(fdir, store_name(f"db-{os.path.basename(os.path.normpath(ds.root))}", cfg.extract))
+    db_jobs = [ExtractJob(n, p) for n, p in zip(ds.imlist, ds.db_paths())]
+    t0 = time.time()
+    rep = extract_stage(db_jobs, db_store, cfg.extract, progress)
+    if rep.done:
+        timings["extract_s_per_image"] = (time.time() - t0) / rep.done
+    _log_failures(rep, log)
+
+    q_store = os.path.join(fdir, store_name(f"queries-{ds.name}", cfg.extract))
+    rep = extract_stage(query_jobs(ds), q_store, cfg.extract, progress)
+    _log_failures(rep, log)
+
+    vkey = _digest([to_dict(cfg.vocab), to_dict(cfg.extract), sorted(os.path.basename(p) for p in train_paths)])
+    vpath = os.path.join(workdir, f"vocab-{cfg.vocab.size}-{vkey}.npz")
+    t0 = time.time()
+    existed = os.path.exists(vpath)
+    voc = vocab_stage(train_store, cfg.vocab, vpath, progress)
+    if not existed:
+        timings["vocab_s"] = time.time() - t0
+
+    t0 = time.time()
+    index = index_stage(db_store, ds.imlist, voc, cfg.search, cfg.vocab, os.path.join(workdir, f"index-{vkey}"), progress)
+    timings["index_s"] = time.time() - t0
+    with FeatureStore(q_store) as st:
+        qnames = [j.name for j in query_jobs(ds)]
+        qdesc = read_descriptors(st, qnames, cfg.vocab.descriptor, cfg.vocab.beta)
+    ranks, timings["query_s"] = query_stage(index, voc, qdesc, cfg.search, progress)
+    res = evaluate(ranks, ds.gnd, cfg.eval.kappas)
+    res.update(dataset=ds.name, gnd_file=ds.gnd_file, method=f"{cfg.search.method}-{cfg.vocab.size}",
+               extractor=cfg.extract.extractor, timings=timings, n_db=len(ds.imlist), n_queries=len(ds.qimlist),
+               top10=[[ds.imlist[j] for j in ranks[:10, i]] for i in range(ranks.shape[1])])
+    out = os.path.join(workdir, f"results-{ds.name}.json")
+    with open(out + ".tmp", "w") as fh:
+        json.dump(res, fh, indent=1)
+    os.replace(out + ".tmp", out)
+    save_config(cfg, os.path.join(workdir, f"results-{ds.name}.config.yaml"))
+    res["results_file"] = out
+    res["ranks"] = ranks
+    log(format_table([(f"{cfg.extract.extractor} {res['method']} ({ds.name})", res)]))
+    return res
+
+
+def _log_failures(rep, log):
+    if rep.failed:
+        log(f"{len(rep.failed)} image(s) skipped:")
+        for n, why in sorted(rep.failed.items()):
+            log(f"  {n}: {why}")
