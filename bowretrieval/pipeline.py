@@ -71,7 +71,7 @@ def assign_all(voc: Vocabulary, descs, k=1, progress=True, desc="assign"):
 
 
 def index_stage(db_store_path, names, voc: Vocabulary, scfg: SearchConfig, vcfg: VocabConfig,
-                out_dir=None, progress=True) -> BowIndex:
+                out_dir=None, progress=True, extract_cfg: ExtractConfig | None = None, image_root=None) -> BowIndex:
     if scfg.method != "bow":
         raise DataError(f"search.method {scfg.method!r} is not available in this pipeline; use 'bow'")
     with FeatureStore(db_store_path) as st:
@@ -79,22 +79,54 @@ def index_stage(db_store_path, names, voc: Vocabulary, scfg: SearchConfig, vcfg:
     words = assign_all(voc, descs, scfg.db_ma, progress, "assign database")
     index = BowIndex(voc.n_words, scfg.threads).fit(words)
     if out_dir:
-        save_index_dir(out_dir, index, names, voc, scfg, vcfg)
+        if extract_cfg is None:
+            with FeatureStore(db_store_path) as st:
+                extract_cfg = ExtractConfig(extractor=st.extractor, params=st.extractor_params,
+                                            max_side=int(st._h5.attrs.get("max_side", 0)))
+        save_index_dir(out_dir, index, names, voc, scfg, vcfg, extract_cfg, image_root)
     return index
 
 
-def save_index_dir(out_dir, index: BowIndex, names, voc: Vocabulary, scfg, vcfg):
-    """An index directory: bow/ (versioned posting lists), names.json, vocab.npz, config.yaml."""
+def save_index_dir(out_dir, index: BowIndex, names, voc: Vocabulary, scfg, vcfg, extract_cfg=None, image_root=None):
+    """An index directory: bow/ (versioned posting lists), names.json (image names, the search and
+    vocabulary settings, and the extractor settings queries must be described with), vocab.npz."""
     os.makedirs(out_dir, exist_ok=True)
     index.save(os.path.join(out_dir, "bow"))
     voc.save(os.path.join(out_dir, "vocab.npz"))
     tmp = os.path.join(out_dir, "names.json.tmp")
+    meta = {"names": list(names), "search": to_dict(scfg), "vocab": to_dict(vcfg),
+            "extract": to_dict(extract_cfg) if extract_cfg is not None else None,
+            "image_root": os.path.abspath(image_root) if image_root else None}
     with open(tmp, "w") as fh:
-        json.dump({"names": list(names), "search": to_dict(scfg), "vocab": to_dict(vcfg)}, fh)
+        json.dump(meta, fh)
     os.replace(tmp, os.path.join(out_dir, "names.json"))
 
 
-def load_index_dir(path, threads=1):
+def describe_queries(paths, meta: dict, bbox=None) -> list:
+    """Describe query images exactly like the indexed database (extractor settings from the index
+    directory's names.json), cropped to ``bbox``; returns descriptors in the vocabulary's variant."""
+    from .descriptors import transform
+    from .extract import _extract_one
+    from .features import get_extractor
+
+    ecfg = meta.get("extract") or {}
+    if not ecfg:
+        raise DataError("the index directory records no extractor settings; rebuild it with `bowr index build`")
+    ex = get_extractor(ecfg["extractor"], **(ecfg.get("params") or {}))
+    vcfg = meta["vocab"]
+    out = []
+    for i, p in enumerate(paths):
+        name, feats, info, _ = _extract_one(ExtractJob(f"q{i}", os.fspath(p), bbox), ecfg.get("max_side") or None, ex)
+        if feats is None:
+            raise DataError(f"query {p}: {info}")
+        d = feats.descriptors
+        if d.ndim == 3:
+            d = d[:, d.shape[1] // 2, :]
+        out.append(transform(d, vcfg["descriptor"], vcfg["beta"]) if len(d) else np.zeros((0, d.shape[-1]), np.float32))
+    return out
+
+
+def load_index_dir(path, threads=1, with_meta=False):
     from .config import from_dict
 
     try:
@@ -107,7 +139,8 @@ def load_index_dir(path, threads=1):
                                "build one with `bowr index build`") from exc
     index = BowIndex.load(os.path.join(path, "bow"), threads=threads)
     voc = Vocabulary.load(os.path.join(path, "vocab.npz"))
-    return index, meta["names"], voc, from_dict(SearchConfig, meta["search"]), from_dict(VocabConfig, meta["vocab"])
+    out = (index, meta["names"], voc, from_dict(SearchConfig, meta["search"]), from_dict(VocabConfig, meta["vocab"]))
+    return out + (meta,) if with_meta else out
 
 
 def query_stage(index: BowIndex, voc: Vocabulary, query_descs, scfg: SearchConfig, progress=True):
@@ -167,7 +200,8 @@ def run_experiment(dataset_root, train_images, workdir, cfg: ExperimentConfig | 
         timings["vocab_s"] = time.time() - t0
 
     t0 = time.time()
-    index = index_stage(db_store, ds.imlist, voc, cfg.search, cfg.vocab, os.path.join(workdir, f"index-{vkey}"), progress)
+    index = index_stage(db_store, ds.imlist, voc, cfg.search, cfg.vocab, os.path.join(workdir, f"index-{vkey}"), progress,
+                        extract_cfg=cfg.extract, image_root=os.path.join(ds.root, "jpg"))
     timings["index_s"] = time.time() - t0
     with FeatureStore(q_store) as st:
         qnames = [j.name for j in query_jobs(ds)]
