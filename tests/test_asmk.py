@@ -1,0 +1,158 @@
+"""ASMK*/SMK*/HQE facade: signatures against numpy, retrieval on generated data, persistence."""
+import os
+
+import numpy as np
+import pytest
+
+from bowretrieval import asmk
+from bowretrieval._ext import invfile as _k
+from bowretrieval.errors import IndexFormatError
+
+
+def _pack(bits):
+    """(n, 128) bools -> (n, 2) uint64 with bit b in word b // 64 at position b % 64."""
+    w = (bits.reshape(len(bits), 2, 64).astype(np.uint64) << np.arange(64, dtype=np.uint64)).sum(-1)
+    return w.astype(np.uint64)
+
+
+@pytest.fixture(scope="module")
+def world():
+    """Images made of noisy copies of 'object' descriptors, queries are noisy subsets of images."""
+    rng = np.random.default_rng(3)
+    train = rng.standard_normal((4000, 128)).astype(np.float32)
+    cb = asmk.train_codebook(train, size=32, iterations=4)
+    db = [rng.standard_normal((int(rng.integers(30, 60)), 128)).astype(np.float32) for _ in range(30)]
+    queries = [d[:20] + 0.1 * rng.standard_normal((20, 128)).astype(np.float32) for d in db[:6]]
+    return rng, train, cb, db, queries
+
+
+def test_sign_signatures_are_signs_of_aggregated_residuals(world):
+    rng, _, cb, db, _ = world
+    X = db[0]
+    w, im, sigs, fid, A = cb.encode([X], 2, aggregate=True)
+    for wi, s in zip(w, sigs):
+        members = (A == wi).any(1)
+        r = (X[members] - cb.centroids_[wi]).sum(0)
+        np.testing.assert_array_equal(s, _pack(r[None] > 0)[0])
+
+
+def test_projection_signatures_threshold_projected_mean_residual_at_medians(world):
+    rng, train, _, db, _ = world
+    cb = asmk.train_codebook(train, size=16, iterations=3, binarization="projection")
+    np.testing.assert_allclose(cb.projection_ @ cb.projection_.T, np.eye(128), atol=1e-5)
+    X = db[1]
+    w, im, sigs, fid, A = cb.encode([X], 1, aggregate=False)
+    z = (X[fid] - cb.centroids_[w]) @ cb.projection_.T
+    np.testing.assert_array_equal(sigs, _pack(z > cb.medians_[w]))
+
+
+def test_projection_bits_are_balanced_on_training_data(world):
+    _, train, _, _, _ = world
+    cb = asmk.train_codebook(train, size=8, iterations=3, binarization="projection")
+    _, _, sigs, _, _ = cb.encode([train], 1, aggregate=False)
+    ones = np.unpackbits(sigs.view(np.uint8), axis=1).mean()
+    assert abs(ones - 0.5) < 0.02
+
+
+def test_hamming_kernel_matches_bit_count():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2**64, (5, 2), dtype=np.uint64)
+    b = rng.integers(0, 2**64, (4, 2), dtype=np.uint64)
+    ref = np.unpackbits((a[:, None] ^ b[None]).view(np.uint8), axis=-1).reshape(5, 4, -1).sum(-1)
+    np.testing.assert_array_equal(_k.hamming(a, b), ref)
+
+
+@pytest.mark.parametrize("method", ["smk", "asmk", "hqe"])
+def test_each_method_retrieves_the_source_image_first(world, method):
+    _, _, cb, db, queries = world
+    res = asmk.build(cb, db, method=method).query(queries, top=5)
+    np.testing.assert_array_equal(res.ids[:, 0], np.arange(6))
+
+
+def test_asmk_scores_equal_dense_formula(world):
+    _, _, cb, db, queries = world
+    d = asmk.build(cb, db, method="asmk", query_ma=2)
+    res = d.query(queries[:1], top=None)
+    (qw, qs), = d.encode_queries(queries[:1])
+    w, im, s, _, _ = cb.encode(db, 1, aggregate=True)
+    idf2 = np.log(len(db) / np.bincount(w, minlength=32).clip(1)) ** 2
+    h = np.unpackbits((qs[:, None] ^ s[None]).view(np.uint8), axis=-1).reshape(len(qs), len(s), -1).sum(-1)
+    u = 1 - 2 * h / 128
+    k = np.where(u > 0, u ** 3, 0) * (qw[:, None] == w[None])
+    raw = np.bincount(im, weights=(k * idf2[qw][:, None]).sum(0), minlength=len(db))
+    ref = raw / np.sqrt(np.bincount(im, weights=idf2[w], minlength=len(db)) * idf2[qw].sum())
+    np.testing.assert_allclose(res.scores[0], ref[res.ids[0]], rtol=1e-4, atol=1e-6)
+
+
+def test_hqe_expansion_majority_votes_signatures_and_adds_shared_words(world):
+    _, _, cb, db, _ = world
+    d = asmk.build(cb, db, method="hqe", hqe_min_images=2)
+    ivf = d.ivf
+    qw = np.array([1], np.int32)
+    qs = np.zeros((1, 2), np.uint64)
+    words_by_img = [set(d.image_words(i)[:, 0].tolist()) for i in (0, 1, 2)]
+    shared = (words_by_img[0] & words_by_img[1]) - {1}
+    new_w, new_s = d._hqe_expand(qw, qs, np.array([0, 1, 2]))
+    assert 1 in new_w.tolist() and shared <= set(new_w.tolist())
+    for word, sig in zip(new_w, new_s):  # the majority of the voters' bits
+        voters = [qs[0]] if word == 1 else []
+        for i in (0, 1, 2):
+            pos, ww = ivf.entries_of(i, d.image_words(i))
+            voters += list(np.asarray(ivf.payload_)[pos[ww == word]])
+        bits = np.unpackbits(np.array(voters).view(np.uint8), axis=1)
+        expect = np.packbits(2 * bits.sum(0) > len(voters)).view(np.uint64)
+        np.testing.assert_array_equal(sig, expect)
+
+
+def test_database_save_load_roundtrip(world, tmp_path):
+    _, _, cb, db, queries = world
+    d = asmk.build(cb, db, method="asmk", names=[f"im{i}" for i in range(len(db))])
+    d.save(tmp_path / "db")
+    back = asmk.Database.load(tmp_path / "db", verify=True)
+    assert back.names[3] == "im3" and back.params.query_ma == 5
+    np.testing.assert_array_equal(d.query(queries, 10).ids, back.query(queries, 10).ids)
+    np.testing.assert_array_equal(back.image_words(2), d.image_words(2))
+
+
+def test_query_result_and_codebook_save_load(world, tmp_path):
+    _, _, cb, db, queries = world
+    res = asmk.build(cb, db).query(queries, 4)
+    res.save(tmp_path / "r.npz")
+    back = asmk.QueryResult.load(tmp_path / "r.npz")
+    np.testing.assert_array_equal(back.ids, res.ids)
+    cb.save(tmp_path / "cb.npz")
+    np.testing.assert_array_equal(asmk.Codebook.load(tmp_path / "cb.npz").centroids_, cb.centroids_)
+
+
+def test_incremental_add_equals_one_build(world):
+    _, _, cb, db, queries = world
+    one = asmk.build(cb, db).query(queries, 10)
+    inc = asmk.build(cb, db[:11]).add(db[11:], chunk_features=100).query(queries, 10)
+    np.testing.assert_array_equal(one.ids, inc.ids)
+    np.testing.assert_allclose(one.scores, inc.scores, rtol=1e-6)
+
+
+def test_tentative_matches_pair_features_sharing_a_word(world):
+    _, _, cb, db, queries = world
+    d = asmk.build(cb, db)
+    qw = d.query_words(queries[0], 2)
+    m = d.tentative_matches(qw, 0)
+    dw = d.image_words(0)[:, 0]
+    ref = {(i, j) for i in range(len(qw)) for j in range(len(dw)) if dw[j] in qw[i]}
+    assert set(map(tuple, m.tolist())) == ref and len(ref) > 0
+
+
+def test_query_without_features_gives_zero_scores(world):
+    _, _, cb, db, _ = world
+    res = asmk.build(cb, db).query([np.zeros((0, 128), np.float32)], top=3)
+    np.testing.assert_array_equal(res.ids[0], [0, 1, 2])
+    assert not res.scores.any()
+
+
+def test_loading_a_plain_inverted_file_as_database_is_a_clear_error(world, tmp_path):
+    from bowretrieval.invfile import InvertedFile
+
+    InvertedFile(8, "bow").add(np.array([1, 2]), np.array([0, 1])).save(tmp_path / "ivf")
+    with pytest.raises(IndexFormatError, match="not a bowretrieval.asmk database"):
+        asmk.Database.load(tmp_path / "ivf")
+    assert os.path.isdir(tmp_path / "ivf")
