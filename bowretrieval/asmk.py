@@ -94,6 +94,16 @@ class Codebook:
             self.medians_ = med
         return self
 
+    @classmethod
+    def from_vocabulary(cls, vocabulary: Vocabulary, binarization: str = "sign", train=None) -> "Codebook":
+        """A codebook on an existing vocabulary (``train`` descriptors for 'projection' medians)."""
+        cb = cls(vocabulary.n_words, binarization, vocabulary.iterations, vocabulary.max_points_per_centroid,
+                 vocabulary.seed, vocabulary.search, vocabulary.threads)
+        if binarization == "projection" and train is None:
+            raise DataError("projection binarisation needs training descriptors for the per-word medians")
+        X = train if train is not None else vocabulary.centroids_[:1]
+        return cb.fit(X, vocabulary)
+
     def _check(self):
         if getattr(self, "centroids_", None) is None:
             raise NotFittedError("Codebook is not trained: use train_codebook(...) or Codebook.load(path)")

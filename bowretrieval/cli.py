@@ -39,6 +39,12 @@ EPILOG = """steps:
 Every command takes --config FILE (YAML, see configs/) and --set section.key=value overrides."""
 
 
+def _add_method_arg(p):
+    p.add_argument("--method", choices=("bow", "smk", "asmk", "hqe"), default=None,
+                   help="retrieval method (search.method): bow tf-idf, smk (SMK*), asmk (ASMK*), hqe "
+                        "(Hamming query expansion); see docs/asmk.md")
+
+
 def _add_config_args(p):
     p.add_argument("--config", metavar="FILE", help="YAML experiment configuration (default: built-in defaults)")
     p.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
@@ -50,7 +56,10 @@ def load_cli_config(args):
     from .config import ExperimentConfig, apply_overrides, load_config
 
     cfg = load_config(args.config) if getattr(args, "config", None) else ExperimentConfig()
-    return apply_overrides(cfg, getattr(args, "set", []))
+    cfg = apply_overrides(cfg, getattr(args, "set", []))
+    if getattr(args, "method", None):  # --method is a shortcut for --set search.method=...
+        cfg.search.method = args.method
+    return cfg
 
 
 # -- extract ----------------------------------------------------------------------------------------
@@ -217,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--image-root", default=None, help="folder the store's image names are relative to "
                                                         "(recorded so results can be shown as pictures)")
     ib.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_method_arg(ib)
     _add_config_args(ib)
     ib.set_defaults(func=cmd_index_build)
     p.set_defaults(func=lambda a: _group_help(p))
@@ -242,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", required=True, help="work folder for features, vocabulary, index and results")
     p.add_argument("--gnd", default=None, help="ground-truth file inside the dataset (default: first gnd_*.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_method_arg(p)
     _add_config_args(p)
     p.set_defaults(func=cmd_eval)
 

@@ -43,10 +43,13 @@ class VocabConfig:
 
 @dataclass
 class SearchConfig:
-    method: str = _f("bow", "retrieval method: bow (tf-idf cosine)")
-    query_ma: int = _f(1, "query multiple assignment: nearest words per query descriptor")
+    method: str = _f("bow", "retrieval method: bow (tf-idf cosine), smk, asmk or hqe (docs/asmk.md)")
+    query_ma: int = _f(0, "query multiple assignment: nearest words per query descriptor (0: the method's "
+                          "default, bow 1, smk/asmk 5, hqe 3)")
     db_ma: int = _f(1, "database multiple assignment")
     threads: int = _f(2, "scoring threads")
+    alpha: float = _f(3.0, "smk/asmk/hqe selectivity exponent: sigma(u) = sign(u)|u|^alpha")
+    tau: float = _f(0.0, "smk/asmk selectivity threshold on u = 1 - 2 h / 128 (hqe: Hamming 48)")
 
 
 @dataclass

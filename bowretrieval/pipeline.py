@@ -72,12 +72,20 @@ def assign_all(voc: Vocabulary, descs, k=1, progress=True, desc="assign"):
 
 def index_stage(db_store_path, names, voc: Vocabulary, scfg: SearchConfig, vcfg: VocabConfig,
                 out_dir=None, progress=True, extract_cfg: ExtractConfig | None = None, image_root=None) -> BowIndex:
-    if scfg.method != "bow":
-        raise DataError(f"search.method {scfg.method!r} is not available in this pipeline; use 'bow'")
+    from .asmk import METHODS
+
+    if scfg.method not in METHODS:
+        raise DataError(f"search.method {scfg.method!r} is not one of {', '.join(METHODS)}")
     with FeatureStore(db_store_path) as st:
         descs = read_descriptors(st, names, vcfg.descriptor, vcfg.beta, progress, "load database features")
-    words = assign_all(voc, descs, scfg.db_ma, progress, "assign database")
-    index = BowIndex(voc.n_words, scfg.threads).fit(words)
+    if scfg.method == "bow":
+        words = assign_all(voc, descs, scfg.db_ma, progress, "assign database")
+        index = BowIndex(voc.n_words, scfg.threads).fit(words)
+    else:
+        from .asmk import Codebook, build
+
+        index = build(Codebook.from_vocabulary(voc), descs, scfg.method, names=names, threads=scfg.threads,
+                      progress=progress, alpha=scfg.alpha, tau=scfg.tau, query_ma=scfg.query_ma, db_ma=scfg.db_ma)
     if out_dir:
         if extract_cfg is None:
             with FeatureStore(db_store_path) as st:
@@ -91,7 +99,7 @@ def save_index_dir(out_dir, index: BowIndex, names, voc: Vocabulary, scfg, vcfg,
     """An index directory: bow/ (versioned posting lists), names.json (image names, the search and
     vocabulary settings, and the extractor settings queries must be described with), vocab.npz."""
     os.makedirs(out_dir, exist_ok=True)
-    index.save(os.path.join(out_dir, "bow"))
+    index.save(os.path.join(out_dir, "bow" if isinstance(index, BowIndex) else "asmk"))
     voc.save(os.path.join(out_dir, "vocab.npz"))
     tmp = os.path.join(out_dir, "names.json.tmp")
     meta = {"names": list(names), "search": to_dict(scfg), "vocab": to_dict(vcfg),
@@ -137,7 +145,12 @@ def load_index_dir(path, threads=1, with_meta=False):
 
         raise IndexFormatError(f"{path}: not an index directory (names.json unreadable: {exc}); "
                                "build one with `bowr index build`") from exc
-    index = BowIndex.load(os.path.join(path, "bow"), threads=threads)
+    if meta["search"].get("method", "bow") == "bow":
+        index = BowIndex.load(os.path.join(path, "bow"), threads=threads)
+    else:
+        from .asmk import Database
+
+        index = Database.load(os.path.join(path, "asmk"), threads=threads)
     voc = Vocabulary.load(os.path.join(path, "vocab.npz"))
     out = (index, meta["names"], voc, from_dict(SearchConfig, meta["search"]), from_dict(VocabConfig, meta["vocab"]))
     return out + (meta,) if with_meta else out
@@ -146,7 +159,10 @@ def load_index_dir(path, threads=1, with_meta=False):
 def query_stage(index: BowIndex, voc: Vocabulary, query_descs, scfg: SearchConfig, progress=True):
     """Full rankings (n_db, n_queries) as revisitop expects, and seconds per query (assign + score)."""
     t0 = time.time()
-    words = assign_all(voc, query_descs, scfg.query_ma, progress, "assign queries")
+    if not isinstance(index, BowIndex):  # an asmk.Database (smk, asmk, hqe)
+        res = index.query(query_descs, top=None)
+        return res.ids.T.copy(), res.seconds_per_query
+    words = assign_all(voc, query_descs, scfg.query_ma or 1, progress, "assign queries")
     ranks, _ = index.search(words)
     dt = (time.time() - t0) / max(len(query_descs), 1)
     return ranks.T.copy(), dt
@@ -200,7 +216,7 @@ def run_experiment(dataset_root, train_images, workdir, cfg: ExperimentConfig | 
         timings["vocab_s"] = time.time() - t0
 
     t0 = time.time()
-    index = index_stage(db_store, ds.imlist, voc, cfg.search, cfg.vocab, os.path.join(workdir, f"index-{vkey}"), progress,
+    index = index_stage(db_store, ds.imlist, voc, cfg.search, cfg.vocab, os.path.join(workdir, f"index-{vkey}" if cfg.search.method == "bow" else f"index-{cfg.search.method}-{vkey}"), progress,
                         extract_cfg=cfg.extract, image_root=os.path.join(ds.root, "jpg"))
     timings["index_s"] = time.time() - t0
     with FeatureStore(q_store) as st:
