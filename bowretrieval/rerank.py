@@ -145,18 +145,16 @@ def expansion_sets(verifications: dict, ids, db: DatabaseFeatures, region) -> li
     return out
 
 
-def bow_average_query(index, word_lists) -> np.ndarray:
+def bow_average_query(index, word_lists, top: int | None = None):
     """Average query expansion in the BoW space: the mean of the L2-normalised tf-idf vectors of the
-    query and of each expansion word set, scored against ``index`` (a ``bow.BowIndex``); returns the
-    (n_images,) scores."""
-    from ._ext import bow as _bk
-
-    qi, qw, qv = index.query_vectors(word_lists)
-    n = max(len(word_lists), 1)
-    out = np.zeros((1, index.n_images_), np.float32)
-    _bk.score_batch(np.array([0, len(qw)], np.int64), qw, (qv / n).astype(np.float32),
-                    index.indptr_, index.ids_, index.weights_, out, 1)
-    return out[0]
+    query and of each expansion word set, scored against ``index`` (a ``bow.BowIndex``).
+    Returns (ids, scores) of the ranking, best first."""
+    qi, qw, _, qv, qs = index.prepare_queries([(np.asarray(w).reshape(-1), None) for w in word_lists])
+    per_entry = np.repeat(qs.astype(np.float64), np.diff(qi)) / max(len(word_lists), 1)
+    top = index.n_images_ if top is None else min(int(top), index.n_images_)
+    ids, scores = index.search_prepared(np.array([0, len(qw)], np.int64), qw, None,
+                                        (qv * per_entry).astype(np.float32), np.ones(1, np.float32), top)
+    return ids[0], scores[0]
 
 
 # -- pictures ---------------------------------------------------------------------------------------
