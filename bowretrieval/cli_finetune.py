@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 
-from .errors import BowRetrievalError, ConfigError
+from .errors import ConfigError
 
 
 def _torch_or_exit():
@@ -164,21 +164,11 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _guard(fn):
-    def run(args):
-        try:
-            return fn(args)
-        except BowRetrievalError as exc:
-            print(f"error: {exc}")
-            return 2
-    return run
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="CNN fine-tuning on mined tuples: train, extract, eval, toydata",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="finetune_cmd")
-    p.set_defaults(func=lambda a: (p.print_help(), 1)[1])
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
     t = sub.add_parser("train", help="train a GeM network on tuples (resumes <workdir>/checkpoint.pt)")
     t.add_argument("--tuples", required=True, help="folder with tuples.json (or trainer.pkl), or the file itself")
@@ -190,7 +180,7 @@ def register(subparsers) -> None:
     t.add_argument("--epochs", type=int, help="override train.epochs")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --workdir")
     _common(t)
-    t.set_defaults(func=_guard(cmd_train))
+    t.set_defaults(func=cmd_train)
 
     for name, helptext in (("extract", "global descriptors of a folder / .txt list of images into an .npz"),
                            ("eval", "mAP E/M/H on a revisited-format dataset, with Lw / PCAw / alpha-QE")):
@@ -206,7 +196,7 @@ def register(subparsers) -> None:
             e.add_argument("--images", required=True, help="folder of images or .txt list")
             e.add_argument("--out", required=True, help="output .npz (descriptors, names)")
             e.add_argument("--whitening", help="whiten-*.npz saved by `bowr finetune eval --save-whitening`")
-            e.set_defaults(func=_guard(cmd_extract))
+            e.set_defaults(func=cmd_extract)
         else:
             e.add_argument("--dataset", required=True, help="revisited-format folder (jpg/, gnd_*.json)")
             e.add_argument("--gnd", help="ground-truth file in the folder (e.g. gnd_landmarks-dev-crop.json)")
@@ -217,7 +207,7 @@ def register(subparsers) -> None:
             e.add_argument("--qe-k", type=int, help="alpha-QE top-k (0: off; default post.qe_k)")
             e.add_argument("--save-whitening", metavar="DIR", help="write the learned whiten-<method>.npz here")
             e.add_argument("--out", help="write the results as JSON")
-            e.set_defaults(func=_guard(cmd_eval))
+            e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("toydata", help="write generated tuples (planar textured landmarks) for tests and demos")
     g.add_argument("out", help="output folder (jpg/, tuples.json, gnd_toy.json)")
@@ -229,4 +219,4 @@ def register(subparsers) -> None:
     g.add_argument("--queries-per-model", type=int, default=2, help="training queries per landmark")
     g.add_argument("--size", default="96x72", help="image size WxH")
     g.add_argument("--seed", type=int, default=0)
-    g.set_defaults(func=_guard(cmd_toydata))
+    g.set_defaults(func=cmd_toydata)
