@@ -24,7 +24,7 @@ import sys
 from .errors import BowRetrievalError
 
 # modules adding command groups; each defines register(subparsers)
-PLUGINS: tuple = ("bowretrieval.cli_finetune",)
+PLUGINS: tuple = ("bowretrieval.cli_finetune", "bowretrieval.cli_sfm")
 
 EPILOG = """steps:
   extract   detect and describe local features of a folder (or .txt list) of images into a

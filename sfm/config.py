@@ -19,11 +19,11 @@ class SfmFeaturesConfig:
 @dataclass
 class SfmRetrievalConfig:
     vocabulary: str = _f("", "vocabulary .npz to use (empty: learn one on the collection)")
-    vocab_size: int = _f(0, "words of the learned vocabulary (0: from the number of descriptors, 1k..16k)")
+    vocab_size: int = _f(0, "words of the learned vocabulary (0: ~2 x features per image, 256..8192)")
     vocab_max_descriptors: int = _f(200_000, "descriptors sampled to learn the vocabulary")
     top_k: int = _f(20, "retrieval results spatially verified per query")
     expansion: int = _f(5, "verified results merged into an average-query-expansion query (0: off)")
-    seeds: str = _f("both", "seed finding: retrieval (sampled queries), minhash, or both")
+    seeds: str = _f("retrieval", "seed finding: retrieval (sampled queries), minhash (large vocabularies), or both")
     seed_fraction: float = _f(1.0, "fraction of the images (random order) tried as seed queries")
     minhash_sketches: int = _f(64, "min-hash sketches per image")
     minhash_size: int = _f(3, "min-hashes per sketch (a collision needs all of them equal)")

@@ -253,8 +253,11 @@ class Miner:
         X = np.concatenate(descs) if descs else np.zeros((0, 128), np.float32)
         if len(X) > rc.vocab_max_descriptors:
             X = X[rng.choice(len(X), rc.vocab_max_descriptors, replace=False)]
-        size = rc.vocab_size or int(2 ** np.clip(np.floor(np.log2(max(len(X), 2) / 30.0)), 6, 14))
-        size = min(size, max(1, len(X)))
+        # verification pairs features through shared words, so a word should occur about once per
+        # image: about twice as many words as features per image, as far as the data supports
+        per_image = float(np.median([len(d) for d in descs])) if descs else 0.0
+        auto = 2 ** int(np.clip(np.round(np.log2(max(2.0, min(2 * per_image, total / 5.0)))), 8, 13))
+        size = min(rc.vocab_size or auto, max(1, len(X)))
         self._stage(i, "index", f"learning {size} words on {len(X)} of {total} descriptors of the collection")
         voc = Vocabulary(size=size, iterations=10, seed=self.cfg.seed, threads=self.cfg.threads).fit(X)
         voc.save(f)
@@ -407,11 +410,11 @@ class Miner:
                 pairs |= self._dense_pairs(c)
             self._stage(i, "match", f"{len(pairs)} pairs inside {len(big)} clusters of >= {self.cfg.min_model_size} "
                                     f"images (COLMAP matcher + epipolar verification)")
-            with FeatureStore(self.store_path) as st:
-                colmap.write_database(self.path("colmap", "database.db"),
-                                      db_images(st, self.names, self.cfg.features.max_features), [])
             data = dict(pairs_matched=len(pairs), verified=[])
             if pairs:
+                with FeatureStore(self.store_path) as st:
+                    colmap.write_database(self.path("colmap", "database.db"),
+                                          db_images(st, self.names, self.cfg.features.max_features), [])
                 data["verified"] = self._match(pairs, "match")["verified"]
             _atomic_json(f, data)
         pos = {n: k for k, n in enumerate(self.names)}

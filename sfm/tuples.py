@@ -131,16 +131,16 @@ def build_tuples(models: list, image_root: str, params: TupleParams | None = Non
         gidx = {i: base + k for k, i in enumerate(keep)}
         images += [model.names[i] for i in keep]
         cluster += [mid] * len(keep)
-        entries = []
-        for i in keep:
-            pos, counts = positives_for(model, i, params)
-            pos = [p for p in pos if p in gidx]
-            if pos:
-                entries.append((gidx[i], [gidx[p] for p in pos]))
+        # queries: a random sample of the images that have at least one valid positive
         n_q = min(params.max_queries, max(1, int(round(params.query_fraction * len(keep)))))
-        if entries:
-            pick = rng.choice(len(entries), min(n_q, len(entries)), replace=False)
-            entries = [entries[k] for k in sorted(pick)]
+        entries = []
+        for i in rng.permutation(keep):
+            pos = [p for p in positives_for(model, int(i), params)[0] if p in gidx]
+            if pos:
+                entries.append((gidx[int(i)], [gidx[p] for p in pos]))
+                if len(entries) == n_q:
+                    break
+        entries.sort()
         per_model.append((mid, entries, list(range(base, base + len(keep)))))
     kept_ids = [m for m, _, _ in per_model]
     order = list(rng.permutation(len(kept_ids)))
