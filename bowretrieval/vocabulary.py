@@ -136,6 +136,16 @@ class Vocabulary:
         ids = ids.astype(np.int32)
         return (ids, dist) if return_distances else ids
 
+    def assignment_recall(self, X, k: int = 1) -> float:
+        """Fraction of descriptors whose approximate (HNSW) nearest word is the exact nearest word,
+        i.e. recall@1 of ``assign(X)`` against a flat search (1.0 when the search is exact)."""
+        approx = self.assign(X, k)[:, 0]
+        faiss = _faiss()
+        flat = faiss.IndexFlatL2(self.dim)
+        flat.add(self.centroids_)
+        _, exact = flat.search(check_descriptors(X, "descriptors", dim=self.dim), 1)
+        return float(np.mean(approx == exact[:, 0])) if len(approx) else 1.0
+
     # -- persistence --------------------------------------------------------------------------
     def get_params(self) -> dict:
         return dict(size=self.size, iterations=self.iterations,

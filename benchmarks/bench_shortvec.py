@@ -1,0 +1,145 @@
+"""Short-vector retrieval on landmarks-dev: mAP E/M/H at 128-D for single 8k + PCA-whitening and the
+multi-vocabulary bundles (mVocab, mMeasReg, mRootSIFT, mPCA-SIFT), each without and with alpha-QE,
+plus the full-dimensional tf-idf BoW (same 8k words) for reference. Everything (vocabularies,
+PCA-SIFT projections, whitening) is learned on ../shared/data/train-photos.
+
+Features: OpenCV SIFT keypoints described at 5 measurement-region sizes (emulated measurement
+regions, see benchmarks/shortvec_features.py); region 2 (1.0 x r) is plain OpenCV SIFT and is what
+every single-region bundle uses. Run the feature script first (cached in --cache):
+
+    python benchmarks/shortvec_features.py --out /work/cache/shortvec
+    python benchmarks/bench_shortvec.py --cache /work/cache/shortvec [--configs single8k,mrootsift]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bowretrieval.bow import BowIndex  # noqa: E402
+from bowretrieval.featurestore import FeatureStore  # noqa: E402
+from bowretrieval.multivocab import MultiVocabulary, load_bundle_config  # noqa: E402
+from bowretrieval.paths import shared_data_dir  # noqa: E402
+from bowretrieval.revisited import RevisitedDataset, evaluate  # noqa: E402
+from bowretrieval.shortvec import ShortVectorEncoder, ShortVectorIndex  # noqa: E402
+from shortvec_features import stores  # noqa: E402
+
+CONFIGS = ("single8k", "mvocab", "mmeasreg", "mrootsift", "mpcasift")
+LABELS = {"single8k": "single 8k + PCAw", "mvocab": "mVocab 4x8k", "mmeasreg": "mMeasReg 5x2k",
+          "mrootsift": "mRootSIFT 4x(2k..128)", "mpcasift": "mPCA-SIFT 4x(2k..128)"}
+
+
+def raw(store_path, names):
+    with FeatureStore(store_path) as st:
+        return [st.load(n).descriptors if n in st else np.zeros((0, 5, 128), np.uint8) for n in names]
+
+
+def row(name, res):
+    return (f"{name:<34} {res['easy']['mAP']:6.1f} {res['medium']['mAP']:6.1f} {res['hard']['mAP']:6.1f}"
+            f"   {res['medium']['mP'][0]:6.1f} {res['medium']['mP'][1]:6.1f}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", default="/work/cache/shortvec")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pq-m", type=int, default=16)
+    ap.add_argument("--learn-only", action="store_true", help="learn and cache the encoders, then stop")
+    args = ap.parse_args(argv)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data = shared_data_dir()
+    st = stores(args.cache)
+    for k, p in (st.items() if not args.learn_only else [("train", st["train"])]):
+        if not os.path.exists(p):
+            sys.exit(f"{p}: missing; run benchmarks/shortvec_features.py --out {args.cache} first")
+    with FeatureStore(st["train"]) as s:
+        train_names = s.names()
+    train = raw(st["train"], train_names)
+    if args.learn_only:
+        for name in args.configs.split(","):
+            path = os.path.join(args.cache, f"enc-{name}.npz")
+            if not os.path.exists(path):
+                t0 = time.time()
+                cfg = load_bundle_config(os.path.join(repo, "configs", f"{name}.yaml"))
+                ShortVectorEncoder(MultiVocabulary(cfg, threads=args.threads)).fit(train, progress=True).save(path)
+                print(f"{name}: learned in {time.time() - t0:.0f} s -> {path}", flush=True)
+        return
+    ds = {"crop": RevisitedDataset(data / "landmarks-dev", "gnd_landmarks-dev-crop.json"),
+          "full": RevisitedDataset(data / "landmarks-dev", "gnd_landmarks-dev.json")}
+    db = raw(st["db"], ds["full"].imlist)
+    queries = {p: raw(st[p], [f"{i:05d}:{n}" for i, n in enumerate(d.qimlist)]) for p, d in ds.items()}
+    print(f"train: {len(train)} images, {sum(len(d) for d in train)} features; db: {len(db)} images, "
+          f"{sum(len(d) for d in db)} features; queries crop {len(queries['crop'])}, full {len(queries['full'])}",
+          flush=True)
+
+    results = {p: [] for p in ds}
+    extra = {}
+    head = f"{'method (128-D unless said)':<34} {'E':>6} {'M':>6} {'H':>6}   {'mP@1M':>6} {'mP@5M':>6}"
+    for name in args.configs.split(","):
+        cfg = load_bundle_config(os.path.join(repo, "configs", f"{name}.yaml"))
+        path = os.path.join(args.cache, f"enc-{name}.npz")
+        t0 = time.time()
+        if os.path.exists(path):
+            enc = ShortVectorEncoder.load(path, threads=args.threads)
+        else:
+            enc = ShortVectorEncoder(MultiVocabulary(cfg, threads=args.threads)).fit(train, progress=True)
+            enc.save(path)
+            extra[f"{name}_learn_s"] = time.time() - t0
+        t0 = time.time()
+        Bdb = enc.bundle.transform(db, progress=True, desc=f"{name} db")
+        extra[f"{name}_encode_s_per_image"] = (time.time() - t0) / len(db)
+        Vdb = enc.transform_bow(Bdb)
+        index = ShortVectorIndex(threads=args.threads).fit(Vdb)
+        for p, d in ds.items():
+            Bq = enc.bundle.transform(queries[p])
+            Vq = enc.transform_bow(Bq)
+            for qe in (False, True):
+                ids, _ = index.search(Vq, qe=qe)
+                res = evaluate(ids.T, d.gnd)
+                results[p].append((f"{LABELS[name]}{' +aQE' if qe else ''}", res))
+            # the same concatenated BoW before PCA-whitening (cosine): what the reduction keeps
+            Bn = Bdb.multiply(1.0 / np.maximum(np.sqrt(Bdb.multiply(Bdb).sum(axis=1)), 1e-12)).tocsr()
+            Bqn = Bq.multiply(1.0 / np.maximum(np.sqrt(Bq.multiply(Bq).sum(axis=1)), 1e-12)).tocsr()
+            S = (Bqn @ Bn.T).toarray()
+            res = evaluate(np.argsort(-S, axis=1, kind="stable").T, d.gnd)
+            results[p].append((f"  ({LABELS[name]}, {enc.bundle.dim}-D sqrt-BoW)", res))
+            print(f"[{p}] {row(results[p][-3][0], results[p][-3][1])}\n[{p}] {row(results[p][-2][0], results[p][-2][1])}"
+                  f"\n[{p}] {row(results[p][-1][0], results[p][-1][1])}", flush=True)
+        if name == "single8k":
+            # full-dimensional tf-idf BoW over the same 8k RootSIFT words (reference)
+            voc = enc.bundle.vocabularies_[0]
+            words_db = [enc.bundle.assign(d)[0] for d in db]
+            bi = BowIndex(voc.n_words, args.threads).fit(words_db)
+            for p, d in ds.items():
+                ids, _ = bi.search([enc.bundle.assign(q)[0] for q in queries[p]])
+                results[p].append(("tf-idf BoW 8k (8192-D sparse)", evaluate(ids.T, d.gnd)))
+        if args.pq_m and name == args.configs.split(",")[-1] or name == "mrootsift":
+            pq = ShortVectorIndex("pq", pq_m=args.pq_m, pq_bits=8, threads=args.threads).fit(Vdb)
+            for p, d in ds.items():
+                Vq = enc.transform(queries[p])
+                ids, _ = pq.search(Vq)
+                results[p].append((f"{LABELS[name]} PQ{args.pq_m}x8", evaluate(ids.T, d.gnd)))
+            extra["bytes_float32"] = index.bytes_per_image
+            extra[f"bytes_pq{args.pq_m}x8"] = pq.bytes_per_image
+    out = {}
+    for p in ("crop", "full"):
+        print(f"\nlandmarks-dev, {p} protocol ({'gnd_landmarks-dev-crop.json' if p == 'crop' else 'gnd_landmarks-dev.json'})")
+        print(head)
+        print("-" * len(head))
+        for n, r in results[p]:
+            print(row(n, r))
+        out[p] = {n: {k: r[k] for k in ("easy", "medium", "hard")} for n, r in results[p]}
+    print("\n" + json.dumps(extra, indent=1))
+    with open(os.path.join(args.cache, "bench_shortvec.json"), "w") as fh:
+        json.dump({"results": out, "extra": extra}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
