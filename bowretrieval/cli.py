@@ -24,7 +24,7 @@ import sys
 from .errors import BowRetrievalError
 
 # modules adding command groups; each defines register(subparsers)
-PLUGINS: tuple = ("bowretrieval.cli_finetune", "bowretrieval.cli_sfm")
+PLUGINS: tuple = ("bowretrieval.cli_finetune", "bowretrieval.cli_sfm", "bowretrieval.cli_shortvec")
 
 EPILOG = """steps:
   extract   detect and describe local features of a folder (or .txt list) of images into a
@@ -81,8 +81,14 @@ def cmd_extract(args) -> int:
 
 # -- vocab ------------------------------------------------------------------------------------------
 def cmd_vocab_build(args) -> int:
+    from .multivocab import is_bundle_config
     from .pipeline import vocab_stage
 
+    bundle = args.bundle or (args.config if args.config and is_bundle_config(args.config) else None)
+    if bundle:  # a vocabulary bundle (configs/m*.yaml): vocabularies + joint PCA-whitening, one file
+        from .cli_shortvec import cmd_vocab_bundle
+
+        return cmd_vocab_bundle(args, bundle)
     cfg = load_cli_config(args)
     if os.path.exists(args.out) and not args.force:
         raise BowRetrievalError(f"{args.out}: exists; pass --force to learn it again")
@@ -206,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     vb = vsub.add_parser("build", help="learn a vocabulary from a feature store",
                          description="k-means vocabulary (size, iterations, seed, descriptor variant: the "
                                      "vocab section of the config) learned on every image of a feature store.")
+    vb.add_argument("bundle", nargs="?", metavar="CONFIG",
+                    help="vocabulary-bundle YAML (configs/mrootsift.yaml ...): learn the bundle and its joint "
+                         "PCA-whitening into one encoder file (see docs/shortvec.md)")
     vb.add_argument("--features", required=True, help="training feature store (.h5) from `bowr extract`")
     vb.add_argument("--out", required=True, help="vocabulary file to write (.npz)")
     vb.add_argument("--force", action="store_true", help="overwrite an existing vocabulary")
