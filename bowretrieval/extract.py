@@ -33,11 +33,16 @@ class ExtractReport:
     done: int = 0
     skipped: int = 0
     failed: dict = field(default_factory=dict)  # name -> reason
+    empty: dict = field(default_factory=dict)  # name -> why it has no features (1x1, constant, ...)
 
     def summary(self) -> str:
         s = f"{self.store}: {self.done} extracted, {self.skipped} already present, {len(self.failed)} failed"
+        if self.empty:
+            s += f", {len(self.empty)} without features"
         for name, why in sorted(self.failed.items()):
             s += f"\n  FAILED {name}: {why}"
+        for name, why in sorted(self.empty.items()):
+            s += f"\n  NO FEATURES {name}: {why}"
         return s
 
 
@@ -52,8 +57,18 @@ def _init_worker(extractor, params, threads):
     _WORKER_EXTRACTOR = get_extractor(extractor, **params)
 
 
+def _empty_reason(gray) -> str:
+    h, w = gray.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        return f"image is {w}x{h} px, smaller than {MIN_SIDE} px a side: no features"
+    if float(gray.max() - gray.min()) < 1e-6:
+        return "constant image: no features"
+    return "no features detected"
+
+
 def _extract_one(job: ExtractJob, max_side, extractor=None):
-    """Runs in a worker: returns (name, features, (w, h), scale) or (name, None, reason, None)."""
+    """Runs in a worker: returns (name, features, (w, h), scale) or (name, None, reason, None); an image
+    without features says why in ``features.meta['note']`` (stored with it and reported)."""
     ex = extractor or _WORKER_EXTRACTOR
     try:
         img = load_gray(job.path, max_side=max_side, bbox=job.bbox)
@@ -70,7 +85,8 @@ def _extract_one(job: ExtractJob, max_side, extractor=None):
         frames = rescale_frames(feats.frames, img.scale, offset)
         if not (np.isfinite(frames).all()):
             raise BowRetrievalError("extractor produced non-finite frames")
-        return job.name, Features(frames, feats.descriptors), (w, h), img.scale
+        meta = {"note": _empty_reason(img.gray)} if len(feats) == 0 else {}
+        return job.name, Features(frames, feats.descriptors, meta), (w, h), img.scale
     except ImageError as exc:
         return job.name, None, str(exc), None
     except Exception as exc:  # a bug or a pathological image must not stop the batch
@@ -96,13 +112,16 @@ def extract_to_store(jobs, store_path, extractor: str = "sift", params: dict | N
     report = ExtractReport(os.fspath(store_path))
     with FeatureStore(store_path, "a", extractor, params, max_side) as store:
         done_before = set(store.names())
-        failed_before = set(store.failed())
+        failed_before = store.failed()
+        notes_before = store.notes()
         todo = []
         for job in jobs:
             if job.name in done_before or (job.name in failed_before and not retry_failed):
                 report.skipped += 1
                 if job.name in failed_before:
-                    report.failed[job.name] = store.failed()[job.name]
+                    report.failed[job.name] = failed_before[job.name]
+                elif job.name in notes_before:
+                    report.empty[job.name] = notes_before[job.name]
             else:
                 todo.append(job)
         bar = tqdm(total=len(todo), desc=f"extract {extractor}", unit="img", disable=not progress)
@@ -113,8 +132,11 @@ def extract_to_store(jobs, store_path, extractor: str = "sift", params: dict | N
                 store.put_failure(name, info)
                 report.failed[name] = info
             else:
-                store.put(name, feats, info[0], info[1], scale)
+                note = feats.meta.get("note", "")
+                store.put(name, feats, info[0], info[1], scale, note=note)
                 report.done += 1
+                if note:
+                    report.empty[name] = note
             bar.update(1)
 
         if workers <= 1 or len(todo) <= 1:

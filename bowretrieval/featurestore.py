@@ -3,7 +3,7 @@
 Layout (format ``bowretrieval.features/1``; see docs/formats.md)::
 
     /                       attrs: format, extractor, extractor_params (JSON), max_side
-    /images/<key>           attrs: name, width, height, scale, n, complete
+    /images/<key>           attrs: name, width, height, scale, n, complete (, note: why no features)
         frames              (N, 6) float32  x, y, a11, a12, a21, a22 in original pixels
         descriptors         (N, 128) or (N, R, 128) uint8 raw SIFT
     /failed/<key>           attrs: name, reason
@@ -115,6 +115,12 @@ class FeatureStore:
         grp = self._h5["failed"]
         return {unquote(k): str(grp[k].attrs["reason"]) for k in grp}
 
+    def notes(self) -> dict:
+        """Images stored without features, with the reason (too small, constant, nothing detected)."""
+        grp = self._h5["images"]
+        return {unquote(k): str(grp[k].attrs["note"]) for k in grp
+                if grp[k].attrs.get("complete", False) and "note" in grp[k].attrs}
+
     def __contains__(self, name) -> bool:
         k = _key(name)
         grp = self._h5["images"]
@@ -152,8 +158,9 @@ class FeatureStore:
         return int(g.attrs["width"]), int(g.attrs["height"])
 
     # -- writing --------------------------------------------------------------------------------
-    def put(self, name: str, feats: Features, width: int, height: int, scale: float = 1.0):
-        """Write one image's features (replacing an earlier entry) and flush."""
+    def put(self, name: str, feats: Features, width: int, height: int, scale: float = 1.0, note: str = ""):
+        """Write one image's features (replacing an earlier entry) and flush; ``note`` says why an
+        image has no features (kept in the group's ``note`` attribute)."""
         if self.mode == "r":
             raise FeatureStoreError(f"{self.path}: opened read-only")
         k = _key(name)
@@ -170,6 +177,8 @@ class FeatureStore:
         g.create_dataset("frames", data=frames)
         g.create_dataset("descriptors", data=desc)
         g.attrs.update(name=name, width=int(width), height=int(height), scale=float(scale), n=int(len(frames)))
+        if note:
+            g.attrs["note"] = str(note)
         g.attrs["complete"] = True  # written last: marks the group as whole
         self._h5.flush()
 

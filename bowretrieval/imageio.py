@@ -38,7 +38,11 @@ def read_color(path, flags=cv2.IMREAD_UNCHANGED) -> np.ndarray:
         raise ImageError(f"{path}: cannot be read ({exc})") from exc
     if data.size == 0:
         raise ImageError(f"{path}: empty file; re-copy or remove it")
-    img = cv2.imdecode(data, flags)
+    try:
+        img = cv2.imdecode(data, flags)
+    except cv2.error as exc:  # e.g. more pixels than OpenCV accepts (CV_IO_MAX_IMAGE_PIXELS, 2^30)
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ImageError(f"{path}: cannot be decoded ({msg}); if it is a huge image, downscale it first") from None
     if img is None:
         raise ImageError(f"{path}: not a decodable image (corrupt or not an image file); re-copy or remove it")
     return img
