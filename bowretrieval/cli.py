@@ -170,6 +170,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# -- demo -------------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, seed=args.seed, quick=args.quick, workers=args.workers, texture_dir=args.texture_dir,
+             progress=not args.quiet)
+    return 0
+
+
 # -- config -----------------------------------------------------------------------------------------
 def cmd_config(args) -> int:
     from .config import ExperimentConfig, describe, load_config, to_dict
@@ -264,6 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_arg(p)
     _add_config_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="generate a small landmark dataset and run the whole experiment on it",
+                       description="Render the embedded dataset (seeded 3D landmarks with known cameras, "
+                                   "distractors and independent training images; see docs/formats.md), then "
+                                   "extract, learn the vocabulary on the training images, index, query, "
+                                   "evaluate, print the table and draw a query's top results and the "
+                                   "precision-recall curves. Re-running reuses everything already computed.")
+    p.add_argument("--out", default="bowr-demo", help="output folder (default: ./bowr-demo)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated dataset")
+    p.add_argument("--quick", action="store_true", help="a tiny dataset (seconds; for smoke tests)")
+    p.add_argument("--workers", type=int, default=2, help="extraction processes")
+    p.add_argument("--texture-dir", default=None, help="folder of photos to use as facade textures")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("config", help="show configuration fields or check a YAML file",
                        description="Without FILE: every configuration field with its default and meaning. "
