@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bowretrieval.paths import shared_data_dir  # noqa: E402
 
 
-def scenes_tuples(scenes_dir, rng, max_angle=30.0):
+def scenes_tuples(scenes_dir, max_angle=30.0):
     """images (absolute), cluster, per-query positives from scenes-dev cameras.json."""
     images, cluster, queries = [], [], []
     for cid, scene in enumerate(sorted(os.listdir(scenes_dir))):
@@ -53,20 +53,14 @@ def scenes_tuples(scenes_dir, rng, max_angle=30.0):
     return images, cluster, queries
 
 
-def synthetic_tuples(out, rng, n_landmarks=40, views=6, size=(320, 240)):
+def synthetic_tuples(out, n_landmarks=40, views=6, size=(320, 240)):
+    from bowretrieval.finetune.toydata import synthetic_queries
     from bowretrieval.synthetic import generate
 
     g = generate(out, seed=7, n_landmarks=n_landmarks, views_per_landmark=views, queries_per_landmark=2,
                  n_distractors=0, n_train=0, size=size, name="synth-train")
-    meta = json.load(open(g.dataset_json))
-    where = {n: i for i, n in enumerate(meta["imlist"])}
-    images = [os.path.join(g.images_dir, n + ".jpg") for n in meta["imlist"]]
-    queries = []
-    for q in meta["queries"]:
-        pos = [where[v] for v, st in q["views"].items() if st["overlap"] >= 0.2 and st["scale"] <= 1.5]
-        if pos:
-            queries.append((where[q["query"]], pos))
-    return images, list(meta["cluster"]), queries
+    names, cluster, queries = synthetic_queries(g.dataset_json)
+    return [os.path.join(g.images_dir, n + ".jpg") for n in names], cluster, queries
 
 
 def write_tuples(path, parts, rng, val_fraction=0.0):
@@ -127,7 +121,7 @@ def main(argv=None) -> int:
     t_all = time.time()
     tag = ("gen" if args.generated_only else "scenes+gen") + f"-{args.arch}"
     work = os.path.join(args.workdir, tag)
-    parts = [synthetic_tuples(os.path.join(args.workdir, "synth"), rng)]
+    parts = [synthetic_tuples(os.path.join(args.workdir, "synth-40x6"))]
     source = "generated (bowretrieval.synthetic, 40 landmarks x 6 views)"
     if not args.generated_only:
         if args.tuples:
@@ -136,7 +130,7 @@ def main(argv=None) -> int:
             parts.append((ts0.paths, list(ts0.cluster), [(int(q), list(map(int, ps))) for q, ps in zip(s.qidxs, s.positives)]))
             source += f" + retrieval-SfM export {args.tuples}"
         else:
-            parts.append(scenes_tuples(str(data / "scenes-dev"), rng))
+            parts.append(scenes_tuples(str(data / "scenes-dev")))
             source += " + scenes-dev tuples from ground-truth cameras (no SfM export used)"
     tpath = write_tuples(os.path.join(work, "tuples", "tuples.json"), parts, rng)
     tuples = load_tuples(tpath)

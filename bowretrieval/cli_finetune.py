@@ -40,10 +40,10 @@ def _common(p):
 
 
 def cmd_toydata(args) -> int:
-    from .finetune.toydata import write_toy_tuples
+    from .finetune.toydata import write_synthetic_tuples, write_toy_tuples
 
     w, h = (int(v) for v in args.size.lower().split("x"))
-    info = write_toy_tuples(args.out, args.train, args.val, args.test, args.views, args.distractors,
+    info = (write_synthetic_tuples if args.synthetic else write_toy_tuples)(args.out, args.train, args.val, args.test, args.views, args.distractors,
                             args.queries_per_model, (w, h), args.seed)
     print(f"wrote {info['tuples']} and the held-out ground truth {info['gnd']}")
     return 0
@@ -209,7 +209,7 @@ def register(subparsers) -> None:
             e.add_argument("--out", help="write the results as JSON")
             e.set_defaults(func=cmd_eval)
 
-    g = sub.add_parser("toydata", help="write generated tuples (planar textured landmarks) for tests and demos")
+    g = sub.add_parser("toydata", help="write generated tuples (planar textures, or --synthetic 3D landmarks) for tests and demos")
     g.add_argument("out", help="output folder (jpg/, tuples.json, gnd_toy.json)")
     g.add_argument("--train", type=int, default=40, help="training landmarks")
     g.add_argument("--val", type=int, default=4, help="validation landmarks")
@@ -219,4 +219,6 @@ def register(subparsers) -> None:
     g.add_argument("--queries-per-model", type=int, default=2, help="training queries per landmark")
     g.add_argument("--size", default="96x72", help="image size WxH")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--synthetic", action="store_true",
+                   help="render 3D landmarks with bowretrieval.synthetic (>= 64 px) instead of planar textures")
     g.set_defaults(func=cmd_toydata)

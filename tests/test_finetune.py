@@ -316,3 +316,18 @@ def test_cli_trains_and_evaluates_with_whitening_and_qe(tmp_path, capsys):
     assert set(res) == {"net", "net +aQE1", "net+Lw", "net+Lw +aQE1", "net+PCAw", "net+PCAw +aQE1"}
     assert all(0 <= r["medium"]["mAP"] <= 100 for r in res.values())
     assert "net+Lw +aQE1" in capsys.readouterr().out
+
+
+def test_synthetic_scenes_give_geometric_tuples(tmp_path):
+    from bowretrieval.finetune.toydata import write_synthetic_tuples
+
+    info = write_synthetic_tuples(str(tmp_path), n_train=3, n_val=0, n_test=1, views=3, n_distractors=1,
+                                  size=(64, 64), seed=0)
+    ts = load_tuples(info["tuples"])
+    s = ts.split("train")
+    assert len(s.qidxs) > 0
+    for q, p, ps in zip(s.qidxs, s.pidxs, s.positives):
+        assert p in ps and q not in ps
+        assert all(ts.cluster[i] == ts.cluster[q] for i in ps)
+    assert set(ts.cluster[s.negative_pool]) == {0, 1, 2}
+    assert len(RevisitedDataset(info["root"], "gnd_toy.json").qimlist) == 3

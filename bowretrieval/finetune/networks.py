@@ -12,7 +12,6 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError

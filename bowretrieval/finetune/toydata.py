@@ -1,10 +1,15 @@
-"""Generated training tuples for tests and quick checks: planar textured "landmarks" seen through random
-homographies with photometric changes, written in the ``bowretrieval.tuples/1`` layout plus a
-revisited-format ground truth for held-out landmarks (``gnd_toy.json``).
+"""Generated training tuples in the ``bowretrieval.tuples/1`` layout, plus a revisited-format ground
+truth for held-out landmarks (``gnd_toy.json``: every view a query, the other views of its landmark
+easy, itself junk, distractors in the database). Landmark id = cluster (model) id.
 
-Each landmark is a random arrangement of grey shapes (all landmarks share one colour distribution, so
-global colour statistics do not identify them); its views differ by perspective, scale, rotation,
-crop, brightness, contrast and noise. Landmark id = cluster (3D model) id. Numpy/OpenCV only.
+Two sources:
+- ``write_synthetic_tuples``: landmarks rendered by ``bowretrieval.synthetic`` (textured 3D planes,
+  pinhole cameras, occlusion, lighting); a query's valid positives are the views that see >= 20% of its
+  query region with a scale change <= 1.5 (the m3 rule). Used by the benchmark; images >= 64 px.
+- ``write_toy_tuples``: planar textures seen through random homographies with photometric changes, at
+  any size (48x36 renders in milliseconds): the unit tests' data, where a tiny network trained for a
+  few dozen tuples must measurably improve. All landmarks share one grey-level distribution, so global
+  colour statistics do not identify them.
 """
 from __future__ import annotations
 
@@ -13,6 +18,68 @@ import os
 
 import cv2
 import numpy as np
+
+
+def _write_json(path, obj):
+    with open(path + ".tmp", "w") as fh:
+        json.dump(obj, fh)
+    os.replace(path + ".tmp", path)
+
+
+def _heldout_gnd(names, cluster, test_models):
+    db = [i for i in range(len(names)) if cluster[i] in test_models or cluster[i] == -1]
+    at = {i: k for k, i in enumerate(db)}
+    gnd, qim = [], []
+    for i in db:
+        if cluster[i] == -1:
+            continue
+        qim.append(names[i])
+        gnd.append({"bbx": None, "easy": [at[j] for j in db if cluster[j] == cluster[i] and j != i],
+                    "hard": [], "junk": [at[i]]})
+    return {"imlist": [names[i] for i in db], "qimlist": qim, "gnd": gnd}
+
+
+def synthetic_queries(dataset_json, min_overlap=0.2, max_scale=1.5):
+    """(image names, cluster per image, [(query index, [positive indices])]) of a generated dataset."""
+    with open(dataset_json) as fh:
+        meta = json.load(fh)
+    names = list(meta["imlist"])
+    where = {n: i for i, n in enumerate(names)}
+    queries = []
+    for q in meta["queries"]:
+        pos = [where[v] for v, st in q["views"].items() if st["overlap"] >= min_overlap and st["scale"] <= max_scale]
+        if pos:
+            queries.append((where[q["query"]], pos))
+    return names, [int(c) for c in meta["cluster"]], queries
+
+
+def write_synthetic_tuples(out_dir, n_train=32, n_val=0, n_test=4, views=6, n_distractors=8, queries_per_model=2,
+                           size=(320, 240), seed=0) -> dict:
+    """Render landmarks with ``bowretrieval.synthetic.generate`` into ``out_dir``; write tuples.json
+    (train / val landmarks) and gnd_toy.json (held-out landmarks). Returns {'tuples', 'gnd', 'root'}."""
+    from ..synthetic import generate
+
+    n_models = n_train + n_val + n_test
+    g = generate(out_dir, seed=seed, n_landmarks=n_models, views_per_landmark=views,
+                 queries_per_landmark=min(queries_per_model, views), n_distractors=n_distractors, n_train=0,
+                 size=size, name="toy-all")
+    names, cluster, queries = synthetic_queries(g.dataset_json)
+    cluster = np.asarray(cluster)
+    rng = np.random.default_rng(seed)
+
+    def split(models):
+        qs = [(q, ps) for q, ps in queries if cluster[q] in models]
+        return {"qidxs": [q for q, _ in qs], "pidxs": [int(rng.choice(ps)) for _, ps in qs],
+                "positives": [ps for _, ps in qs], "pidxs_m2": [ps[0] for _, ps in qs],
+                "negative_pool": [int(i) for i in np.flatnonzero(np.isin(cluster, models))]}
+
+    tpath, gpath = os.path.join(out_dir, "tuples.json"), os.path.join(out_dir, "gnd_toy.json")
+    _write_json(tpath, {"format": "bowretrieval.tuples/1", "image_root": os.path.relpath(g.images_dir, out_dir),
+                        "images": [n + ".jpg" for n in names], "cluster": [int(c) for c in cluster],
+                        "train": split(list(range(n_train))), "val": split(list(range(n_train, n_train + n_val))),
+                        "params": {"generator": "bowretrieval.synthetic", "seed": seed, "views": views}})
+    _write_json(gpath, _heldout_gnd(names, cluster, set(range(n_train + n_val, n_models))))
+    return {"tuples": tpath, "gnd": gpath, "root": out_dir}
 
 
 def _texture(rng, size):
@@ -98,21 +165,7 @@ def write_toy_tuples(out_dir, n_train=8, n_val=2, n_test=4, views=6, n_distracto
            "cluster": [int(c) for c in cluster],
            "train": split(list(range(n_train))), "val": split(list(range(n_train, n_train + n_val))),
            "params": {"generator": "bowretrieval.finetune.toydata", "seed": seed, "views": views}}
-    tpath = os.path.join(out_dir, "tuples.json")
-    with open(tpath, "w") as fh:
-        json.dump(tup, fh)
-
-    test_models = list(range(n_train + n_val, n_models))
-    db = [i for i in range(len(names)) if cluster[i] in test_models or cluster[i] == -1]
-    pos_in_db = {i: k for k, i in enumerate(db)}
-    gnd, qim = [], []
-    for i in db:
-        if cluster[i] == -1:
-            continue
-        same = [pos_in_db[j] for j in db if cluster[j] == cluster[i] and j != i]
-        qim.append(names[i])
-        gnd.append({"bbx": None, "easy": same, "hard": [], "junk": [pos_in_db[i]]})
-    gpath = os.path.join(out_dir, "gnd_toy.json")
-    with open(gpath, "w") as fh:
-        json.dump({"imlist": [names[i] for i in db], "qimlist": qim, "gnd": gnd}, fh)
+    tpath, gpath = os.path.join(out_dir, "tuples.json"), os.path.join(out_dir, "gnd_toy.json")
+    _write_json(tpath, tup)
+    _write_json(gpath, _heldout_gnd(names, cluster, set(range(n_train + n_val, n_models))))
     return {"tuples": tpath, "gnd": gpath, "root": out_dir}
