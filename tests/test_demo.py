@@ -31,3 +31,15 @@ def test_mean_pr_curve_is_one_for_perfect_rankings():
     ranks = np.array([[0, 1], [1, 0], [2, 2]])
     grid, prec = mean_pr_curve(ranks, [{"ok": [0, 1], "junk": []}, {"ok": [1], "junk": []}])
     assert np.allclose(prec, 1.0) and grid[-1] == 1.0
+
+
+def test_ranked_list_image_draws_query_and_results_even_when_one_is_missing(tmp_path):
+    from bowretrieval.visualize import ranked_list_image
+
+    img = np.full((120, 160, 3), 90, np.uint8)
+    cv2.imwrite(str(tmp_path / "q.png"), img)
+    pic = ranked_list_image(str(tmp_path / "q.png"), [str(tmp_path / "q.png"), str(tmp_path / "gone.jpg")],
+                            ["easy", "negative"], bbox=[10, 10, 100, 80], thumb=100, per_row=6)
+    assert pic.shape == (18 + 112, 3 * 112, 3)
+    assert tuple(pic[2, 112 + 2]) == (60, 180, 60)  # the first result is framed green (easy)
+    assert tuple(pic[2, 224 + 2]) == (40, 40, 220)  # the second red (negative)
