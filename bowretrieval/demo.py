@@ -48,7 +48,7 @@ def run_demo(out_dir="bowr-demo", seed: int = 0, quick: bool = False, workers: i
 
     out_dir = os.path.abspath(os.fspath(out_dir))
     t0 = time.time()
-    data = synthetic.generate(os.path.join(out_dir, "data"), seed=seed, texture_dir=texture_dir,
+    data = synthetic.generate(os.path.join(out_dir, "data"), seed=seed, texture_dir=texture_dir, workers=workers,
                               progress=progress, **(QUICK_DATA if quick else DEMO_DATA))
     t_gen = time.time() - t0
     log(f"dataset: {data.root} (generated in {t_gen:.1f} s)")

@@ -584,14 +584,80 @@ def _single_view(rng, textures, size, px_per_m):
     return _photometric(rng, img)
 
 
+def _px_per_m(size, landmark: bool) -> float:
+    # a 10 m landmark facade gets 1.6x the image width in texels (close-ups stay sharp); others 1x
+    return (1.6 if landmark else 1.0) * max(size) / 10.0
+
+
+def _landmark_task(p: SyntheticParams, L: int, images_dir: str) -> dict:
+    """Render every view of landmark L and label its queries; returns names, cameras, ground truth
+    (indices relative to the landmark's first view)."""
+    textures = TextureSource(p.texture_dir, n_reserved=p.n_landmarks)
+    rng = _rng(p.seed, _STREAM_LANDMARK, L)
+    planes = make_building(rng, lambda tw, th: textures.landmark(rng, L, tw, th), _px_per_m(p.size, True))
+    views, cameras = [], {}
+    for v in range(p.views_per_landmark):
+        vr = _rng(p.seed, _STREAM_VIEW, L, v)
+        w, h = _size_for(vr, p.size)
+        # the first view of each landmark is a frontal, unoccluded overview
+        cam = sample_camera(vr, planes, (w, h), max_azimuth=10.0 if v == 0 else p.max_azimuth)
+        img, ids, invz = render(planes, cam, _background(vr, w, h))
+        if v > 0 and vr.random() < p.occlusion:
+            _occlude(vr, img, ids, lambda tw, th, vr=vr: procedural_texture(vr, tw, th))
+        nm = f"landmark{L:02d}__{v:04d}"
+        _write_jpg(os.path.join(images_dir, nm + ".jpg"), _photometric(vr, img), vr.integers(*p.jpeg_quality))
+        views.append((nm, cam, ids, invz))
+        cameras[nm + ".jpg"] = cam.to_json()
+
+    qr = _rng(p.seed, _STREAM_QUERY, L)
+    order = [0] + list(qr.permutation(np.arange(1, p.views_per_landmark)))
+    queries = []
+    for qi in order:
+        if len(queries) == p.queries_per_landmark:
+            break
+        nm, cam, ids, invz = views[qi]
+        bbx = _query_box(qr, planes, cam, ids)
+        if bbx is None:
+            continue
+        X, pid, xq = region_points(cam, ids, invz, bbx)
+        if len(X) < 50:
+            continue
+        g = {"bbx": bbx, "easy": [], "hard": [], "junk": []}
+        st = {}
+        for vj, (nj, cj, idj, _) in enumerate(views):
+            if vj == qi:
+                g["junk"].append(vj)
+                continue
+            s = overlap_stats(X, pid, xq, cj, idj)
+            s["angle"] = _angle(X, cam.C, cj.C)
+            g[label(s, s["angle"])].append(vj)
+            st[nj] = {k: (round(float(x), 4) if np.isfinite(x) else None) for k, x in s.items()}
+        queries.append((nm, g, {"query": nm, "bbx": bbx, "views": st}))
+    return {"names": [v[0] for v in views], "cameras": cameras, "queries": queries}
+
+
+def _single_task(p: SyntheticParams, stream: int, i: int, path: str) -> str:
+    rng = _rng(p.seed, stream, i)
+    textures = TextureSource(p.texture_dir, n_reserved=p.n_landmarks)
+    _write_jpg(path, _single_view(rng, textures, p.size, _px_per_m(p.size, False)), rng.integers(*p.jpeg_quality))
+    return path
+
+
+def _run_task(task):
+    fn, args = task
+    return fn(*args)
+
+
 def generate(out_dir, seed: int = 0, n_landmarks: int = 6, views_per_landmark: int = 12,
              queries_per_landmark: int = 3, n_distractors: int = 120, n_train: int = 80,
              size=(640, 480), max_azimuth: float = 50.0, occlusion: float = 0.4, texture_dir=None,
-             name: str = "synthetic", overwrite: bool = False, progress: bool = False) -> GeneratedDataset:
+             name: str = "synthetic", overwrite: bool = False, workers: int = 1,
+             progress: bool = False) -> GeneratedDataset:
     """Render the dataset into ``out_dir`` (see the module docstring for layout and labels).
 
-    The same arguments always give the same files. An ``out_dir`` already holding a dataset generated
-    with the same arguments is reused as is; one with other arguments raises unless ``overwrite``.
+    The same arguments always give the same files, whatever ``workers`` (rendering processes). An
+    ``out_dir`` already holding a dataset generated with the same arguments is reused as is; one with
+    other arguments raises unless ``overwrite``.
 
     size: (width, height) of the images (a fifth of the views are portrait). occlusion: probability
     that a view gets occluders. texture_dir: a folder of photos used as facade textures instead of
@@ -626,88 +692,52 @@ def generate(out_dir, seed: int = 0, n_landmarks: int = 6, views_per_landmark: i
                             "pass overwrite=True (--overwrite) or choose another folder")
     elif os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise DataError(f"{out_dir}: folder is not empty; choose an empty or new folder")
-    textures = TextureSource(texture_dir, n_reserved=n_landmarks)
+    TextureSource(texture_dir, n_reserved=n_landmarks)  # fail early on an empty texture folder
     os.makedirs(paths.images_dir, exist_ok=True)
     os.makedirs(paths.train_dir, exist_ok=True)
 
+    tasks = [(_landmark_task, (params, L, paths.images_dir)) for L in range(n_landmarks)]
+    tasks += [(_single_task, (params, _STREAM_DISTRACTOR, i, os.path.join(paths.images_dir, f"distractor__{i:04d}.jpg")))
+              for i in range(n_distractors)]
+    tasks += [(_single_task, (params, _STREAM_TRAIN, i, os.path.join(paths.train_dir, f"train__{i:04d}.jpg")))
+              for i in range(n_train)]
+    weights = [views_per_landmark] * n_landmarks + [1] * (n_distractors + n_train)
+
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=n_landmarks * views_per_landmark + n_distractors + n_train, desc="render",
-               unit="img", disable=not progress)
-    px_per_m_lm = 1.6 * max(size) / 10.0  # a 10 m facade gets 1.6x the image width in texels
-    px_per_m_other = 1.0 * max(size) / 10.0
+    bar = tqdm(total=sum(weights), desc="render", unit="img", disable=not progress)
+    results = []
+    if workers <= 1:
+        for t, wt in zip(tasks, weights):
+            results.append(_run_task(t))
+            bar.update(wt)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-    imlist, cluster, cameras = [], [], {}
-    qimlist, gnd, qstats = [], [], []
-    for L in range(n_landmarks):
-        rng = _rng(seed, _STREAM_LANDMARK, L)
-        planes = make_building(rng, lambda tw, th, L=L, rng=rng: textures.landmark(rng, L, tw, th), px_per_m_lm)
-        views = []
-        for v in range(views_per_landmark):
-            vr = _rng(seed, _STREAM_VIEW, L, v)
-            w, h = _size_for(vr, size)
-            # the first view of each landmark is a frontal, unoccluded overview
-            cam = sample_camera(vr, planes, (w, h), max_azimuth=10.0 if v == 0 else max_azimuth)
-            img, ids, invz = render(planes, cam, _background(vr, w, h))
-            if v > 0 and vr.random() < occlusion:
-                _occlude(vr, img, ids, lambda tw, th, vr=vr: procedural_texture(vr, tw, th))
-            nm = f"landmark{L:02d}__{v:04d}"
-            _write_jpg(os.path.join(paths.images_dir, nm + ".jpg"), _photometric(vr, img),
-                       vr.integers(*params.jpeg_quality))
-            views.append((nm, cam, ids, invz))
-            cameras[nm + ".jpg"] = cam.to_json()
-            bar.update(1)
-        base = len(imlist)
-        imlist += [v[0] for v in views]
-        cluster += [L] * len(views)
-
-        qr = _rng(seed, _STREAM_QUERY, L)
-        order = [0] + list(qr.permutation(np.arange(1, views_per_landmark)))
-        n_q = 0
-        for qi in order:
-            if n_q == queries_per_landmark:
-                break
-            nm, cam, ids, invz = views[qi]
-            bbx = _query_box(qr, planes, cam, ids)
-            if bbx is None:
-                continue
-            X, pid, xq = region_points(cam, ids, invz, bbx)
-            if len(X) < 50:
-                continue
-            g = {"bbx": bbx, "easy": [], "hard": [], "junk": []}
-            st = {}
-            for vj, (nj, cj, idj, _) in enumerate(views):
-                if vj == qi:
-                    g["junk"].append(base + vj)
-                    continue
-                s = overlap_stats(X, pid, xq, cj, idj)
-                s["angle"] = _angle(X, cam.C, cj.C)
-                lab = label(s, s["angle"])
-                g[lab].append(base + vj)
-                st[nj] = {k: (round(float(x), 4) if np.isfinite(x) else None) for k, x in s.items()}
-            qimlist.append(nm)
-            gnd.append(g)
-            qstats.append({"query": nm, "bbx": bbx, "views": st})
-            n_q += 1
-
-    for i in range(n_distractors):
-        rng = _rng(seed, _STREAM_DISTRACTOR, i)
-        nm = f"distractor__{i:04d}"
-        _write_jpg(os.path.join(paths.images_dir, nm + ".jpg"), _single_view(rng, textures, size, px_per_m_other),
-                   rng.integers(*params.jpeg_quality))
-        imlist.append(nm)
-        cluster.append(-1)
-        bar.update(1)
-    for i in range(n_train):
-        rng = _rng(seed, _STREAM_TRAIN, i)
-        _write_jpg(os.path.join(paths.train_dir, f"train__{i:04d}.jpg"),
-                   _single_view(rng, textures, size, px_per_m_other), rng.integers(*params.jpeg_quality))
-        bar.update(1)
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            for r, wt in zip(pool.map(_run_task, tasks, chunksize=1), weights):
+                results.append(r)
+                bar.update(wt)
     bar.close()
+
+    imlist, cluster, cameras, qimlist, gnd, qstats = [], [], {}, [], [], []
+    for L, r in enumerate(results[:n_landmarks]):
+        base = len(imlist)
+        imlist += r["names"]
+        cluster += [L] * len(r["names"])
+        cameras.update(r["cameras"])
+        for nm, g, st in r["queries"]:
+            qimlist.append(nm)
+            gnd.append({k: (v if k == "bbx" else [base + j for j in v]) for k, v in g.items()})
+            qstats.append(st)
+    imlist += [f"distractor__{i:04d}" for i in range(n_distractors)]
+    cluster += [-1] * n_distractors
 
     _atomic_json(paths.cameras_json, cameras)
     gt = {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
     _atomic_json(paths.gnd_json, gt)
+    gt = json.loads(json.dumps(gt))  # fresh objects: the pickle's bytes must not depend on object sharing
     tmp = paths.gnd_pkl + ".tmp"
     with open(tmp, "wb") as fh:
         pickle.dump(gt, fh, protocol=4)

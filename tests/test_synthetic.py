@@ -47,12 +47,13 @@ def test_pickle_and_json_hold_the_same_ground_truth(tiny):
     load_gnd(tiny.gnd_pkl)  # validates
 
 
-def test_same_seed_gives_identical_files(tiny, tmp_path):
-    again = synthetic.generate(tmp_path / "again", **TINY)
+def test_same_seed_gives_identical_files_with_any_number_of_processes(tiny, tmp_path):
+    again = synthetic.generate(tmp_path / "again", workers=2, **TINY)
     assert _digest(again.images_dir) == _digest(tiny.images_dir)
     assert _digest(again.train_dir) == _digest(tiny.train_dir)
-    with open(again.gnd_json) as a, open(tiny.gnd_json) as b:
-        assert a.read() == b.read()
+    for f in ("gnd_json", "gnd_pkl", "cameras_json", "dataset_json"):
+        with open(getattr(again, f), "rb") as a, open(getattr(tiny, f), "rb") as b:
+            assert a.read() == b.read()
 
 
 def test_other_seed_gives_other_images(tiny, tmp_path):
