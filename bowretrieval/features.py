@@ -87,14 +87,16 @@ def rescale_frames(frames: np.ndarray, scale: float, offset=(0.0, 0.0)) -> np.nd
 def frames_from_keypoints(kps, mr_size: float = MR_SIZE) -> np.ndarray:
     """Similarity frames from OpenCV keypoints: centre, radius mr_size * sigma, dominant orientation.
 
-    OpenCV stores ``size`` = 2 sigma and ``angle`` = 360 - theta, theta the gradient orientation in
-    image coordinates (y down); the frame maps the patch x-axis onto that orientation.
+    OpenCV stores ``size`` = 2 sigma and ``angle`` = theta in degrees, the dominant gradient
+    orientation measured in image coordinates (x right, y down); the frame maps the patch x-axis onto
+    that orientation, so F_b F_a^-1 of two matched frames is the local image-to-image rotation and
+    scale (checked by rotating an image: tests/test_ransac.py).
     """
     if len(kps) == 0:
         return np.zeros((0, 6), np.float32)
     pts = np.array([k.pt for k in kps], np.float64)
     sigma = np.array([k.size for k in kps], np.float64) / 2.0
-    theta = -np.deg2rad(np.array([k.angle for k in kps], np.float64))
+    theta = np.deg2rad(np.array([k.angle for k in kps], np.float64))
     r = mr_size * sigma
     c, s = np.cos(theta) * r, np.sin(theta) * r
     return np.stack([pts[:, 0], pts[:, 1], c, -s, s, c], axis=1).astype(np.float32)
