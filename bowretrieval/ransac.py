@@ -86,12 +86,16 @@ class SpatialVerifier:
     homography: try to upgrade the best affine model to a homography. max_scale / max_anisotropy:
     hypotheses changing the scale by more than this factor, or stretching one direction by more than
     this against the other, are skipped. min_inliers: fewer inliers than this count as none (>= 3).
+    max_scale_change / max_angle: an inlier's own pair of frames must also agree with the model's
+    local scale within this factor and its local rotation within this many degrees (0: no check);
+    this removes most chance inliers between unrelated images.
     threads: pairs verified in parallel.
     """
 
     def __init__(self, threshold: float = 12.0, reference_side: int = 1024, max_hypotheses: int = 300,
                  lo_iterations: int = 4, homography: bool = True, max_scale: float = 10.0,
-                 max_anisotropy: float = 10.0, min_inliers: int = 3, threads: int = 1):
+                 max_anisotropy: float = 10.0, min_inliers: int = 3, max_scale_change: float = 2.0,
+                 max_angle: float = 30.0, threads: int = 1):
         self.threshold = float(threshold)
         self.reference_side = int(reference_side)
         self.max_hypotheses = int(max_hypotheses)
@@ -100,6 +104,8 @@ class SpatialVerifier:
         self.max_scale = float(max_scale)
         self.max_anisotropy = float(max_anisotropy)
         self.min_inliers = int(min_inliers)
+        self.max_scale_change = float(max_scale_change)
+        self.max_angle = float(max_angle)
         self.threads = int(threads)
         if not self.threshold > 0:
             raise DataError(f"spatial verification threshold must be > 0 pixels, got {threshold}")
@@ -151,7 +157,8 @@ class SpatialVerifier:
             cat(qid_parts, (0,), np.int32), cat(did_parts, (0,), np.int32), offsets, thr,
             max_hypotheses=self.max_hypotheses, lo_iterations=self.lo_iterations,
             homography=self.homography, max_scale=self.max_scale, max_anisotropy=self.max_anisotropy,
-            min_inliers=max(3, self.min_inliers), threads=self.threads)
+            min_inliers=max(3, self.min_inliers), max_scale_change=self.max_scale_change,
+            max_angle=float(np.deg2rad(self.max_angle)), threads=self.threads)
         out = []
         for i in range(n):
             sel = mask[offsets[i]:offsets[i + 1]].astype(bool)
@@ -163,7 +170,8 @@ class SpatialVerifier:
         return dict(threshold=self.threshold, reference_side=self.reference_side,
                     max_hypotheses=self.max_hypotheses, lo_iterations=self.lo_iterations,
                     homography=self.homography, max_scale=self.max_scale,
-                    max_anisotropy=self.max_anisotropy, min_inliers=self.min_inliers, threads=self.threads)
+                    max_anisotropy=self.max_anisotropy, min_inliers=self.min_inliers,
+                    max_scale_change=self.max_scale_change, max_angle=self.max_angle, threads=self.threads)
 
 
 def verify_pair(q_frames, d_frames, matches, db_size=None, **params) -> Verification:

@@ -24,6 +24,8 @@ cdef extern from "fsm.h" nogil:
         double max_scale
         double max_anisotropy
         int min_inliers
+        double max_scale_change
+        double max_angle
 
     ctypedef struct fsm_result:
         int32_t n_inliers
@@ -39,7 +41,7 @@ def verify_batch(const float[:, ::1] q_frames, const float[:, ::1] d_frames,
                  const int32_t[::1] q_ids, const int32_t[::1] d_ids, const int64_t[::1] offsets,
                  const double[::1] thresholds, int max_hypotheses=0, int lo_iterations=4,
                  bint homography=True, double max_scale=10.0, double max_anisotropy=10.0,
-                 int min_inliers=3, int threads=1):
+                 int min_inliers=3, double max_scale_change=0.0, double max_angle=0.0, int threads=1):
     """Verify every pair of the batch. Returns (n_inliers int32 (P,), kind int32 (P,),
     models float64 (P, 3, 3), inlier mask uint8 (M,), hypotheses scored int32 (P,)).
 
@@ -72,6 +74,8 @@ def verify_batch(const float[:, ::1] q_frames, const float[:, ::1] d_frames,
     prm.max_scale = max_scale
     prm.max_anisotropy = max_anisotropy
     prm.min_inliers = min_inliers
+    prm.max_scale_change = max_scale_change
+    prm.max_angle = max_angle
     if threads < 1:
         threads = 1
     cdef fsm_result *res = <fsm_result *> malloc(max(npair, 1) * sizeof(fsm_result))

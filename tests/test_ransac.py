@@ -269,3 +269,32 @@ def test_graf_mapping_within_a_few_pixels_of_the_ground_truth(shared_data):
     # measured: median 1.05, p95 3.7, max 5.7 px (the corners of the hull extrapolate; DoG centres
     # shift under this 40 degree viewpoint change, see docs/spatial_verification.md)
     assert np.median(err) < 1.5 and np.percentile(err, 95) < 4.5 and err.max() < 7.0
+
+
+def test_sift_frames_rotate_with_the_image(textured_image):
+    """F_b F_a^-1 of matched frames is the image rotation (the hypothesis of fast spatial matching)."""
+    import cv2
+
+    from bowretrieval.descriptors import transform
+    from bowretrieval.features import get_extractor
+
+    img = cv2.resize(textured_image, (640, 480))
+    R = cv2.getRotationMatrix2D((320, 240), 25, 1.0)  # 25 degrees counter-clockwise on screen
+    ex = get_extractor("sift")
+    a, b = ex.extract(img), ex.extract(cv2.warpAffine(img, R, (640, 480), borderValue=128))
+    m = descriptor_matches(transform(a.descriptors, "rootsift"), transform(b.descriptors, "rootsift"), 0.7)
+    assert len(m) >= 20
+    M = b.frames[m[:, 1], 2:].reshape(-1, 2, 2) @ np.linalg.inv(a.frames[m[:, 0], 2:].reshape(-1, 2, 2))
+    angle = np.degrees(np.arctan2(M[:, 1, 0] - M[:, 0, 1], M[:, 0, 0] + M[:, 1, 1]))
+    expected = np.degrees(np.arctan2(R[1, 0] - R[0, 1], R[0, 0] + R[1, 1]))  # -25 in y-down pixels
+    assert abs(np.median(angle) - expected) < 3.0
+
+
+def test_shape_check_rejects_position_only_coincidences():
+    q, d, m = synthetic_pair(AFFINE, n_in=150, n_out=0)
+    d[30:, 2:] = random_frames(np.random.default_rng(5), 120)[:, 2:]  # positions agree, shapes random
+    strict = verify_pair(q, d, m, threshold=4.0, reference_side=0, homography=False)
+    loose = verify_pair(q, d, m, threshold=4.0, reference_side=0, homography=False, max_scale_change=0,
+                        max_angle=0)
+    assert loose.n_inliers >= 145
+    assert 25 <= strict.n_inliers <= 45  # the 30 consistent ones and a few random shapes that agree

@@ -17,15 +17,35 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifndef M_PI
+#define M_PI 3.14159265358979323846
+#endif
+
 #define FAR_AWAY 1e18f /* coordinates given to unusable points: never within any threshold */
 
 typedef struct {
     float *xq, *yq, *xd, *yd; /* SoA copies of the correspondence positions */
+    float *ls, *cs, *sn;      /* local map M = Fd Fq^-1 of each correspondence: log scale, cos/sin angle */
     uint8_t *hyp_ok;          /* frame pair usable as a hypothesis */
     uint8_t *inl;             /* scratch inlier flags */
     float *res;               /* scratch squared residuals */
     int64_t m;
+    int shape;                /* 1: inliers must also agree with the model in scale and angle */
+    float log_tol, cos_tol;   /* |log scale difference| < log_tol, cos(angle difference) > cos_tol */
 } work_t;
+
+/* Log scale and angle of the rotation closest to a 2x2 map (exact for similarities s R(a)). */
+static void scale_angle(const double L[4], float *ls, float *c, float *s) {
+    double det = L[0] * L[3] - L[1] * L[2];
+    double x = L[0] + L[3], y = L[2] - L[1], r = sqrt(x * x + y * y);
+    if (!(det > 0) || !(r > 0) || !isfinite(det)) {
+        *ls = 1e9f; *c = 0.0f; *s = 0.0f; /* never consistent */
+        return;
+    }
+    *ls = (float)(0.5 * log(det));
+    *c = (float)(x / r);
+    *s = (float)(y / r);
+}
 
 /* ---- small dense helpers --------------------------------------------------------------------- */
 
@@ -62,10 +82,24 @@ static int64_t count_affine(const work_t *w, const float A[6], float thr2) {
     const float a0 = A[0], a1 = A[1], a2 = A[2], a3 = A[3], a4 = A[4], a5 = A[5];
     const float *xq = w->xq, *yq = w->yq, *xd = w->xd, *yd = w->yd;
     int64_t c = 0;
+    if (!w->shape) {
+        for (int64_t j = 0; j < w->m; j++) {
+            float dx = a0 * xq[j] + a1 * yq[j] + a2 - xd[j];
+            float dy = a3 * xq[j] + a4 * yq[j] + a5 - yd[j];
+            c += (dx * dx + dy * dy < thr2);
+        }
+        return c;
+    }
+    double L[4] = {a0, a1, a3, a4};
+    float sl, cl, snl;
+    scale_angle(L, &sl, &cl, &snl);
+    const float lt = w->log_tol, ct = w->cos_tol;
+    const float *ls = w->ls, *cs = w->cs, *sn = w->sn;
     for (int64_t j = 0; j < w->m; j++) {
         float dx = a0 * xq[j] + a1 * yq[j] + a2 - xd[j];
         float dy = a3 * xq[j] + a4 * yq[j] + a5 - yd[j];
-        c += (dx * dx + dy * dy < thr2);
+        float ds = ls[j] - sl;
+        c += (dx * dx + dy * dy < thr2) & (ds * ds < lt * lt) & (cs[j] * cl + sn[j] * snl > ct);
     }
     return c;
 }
@@ -79,9 +113,19 @@ static int64_t residuals(const work_t *w, const double H[9], double thr2, float 
         double hz = H[6] * x + H[7] * y + H[8];
         double r = INFINITY;
         if (hz > 1e-8) {
-            double u = (H[0] * x + H[1] * y + H[2]) / hz - w->xd[j];
-            double v = (H[3] * x + H[4] * y + H[5]) / hz - w->yd[j];
+            double pu = (H[0] * x + H[1] * y + H[2]) / hz, pv = (H[3] * x + H[4] * y + H[5]) / hz;
+            double u = pu - w->xd[j];
+            double v = pv - w->yd[j];
             r = u * u + v * v;
+            if (w->shape && r < thr2) { /* the model's local linear map at q (its Jacobian) */
+                double J[4] = {(H[0] - pu * H[6]) / hz, (H[1] - pu * H[7]) / hz,
+                               (H[3] - pv * H[6]) / hz, (H[4] - pv * H[7]) / hz};
+                float sl, cl, snl;
+                scale_angle(J, &sl, &cl, &snl);
+                float ds = w->ls[j] - sl;
+                if (!(ds * ds < w->log_tol * w->log_tol) || !(w->cs[j] * cl + w->sn[j] * snl > w->cos_tol))
+                    r = INFINITY;
+            }
         }
         res[j] = (float)r;
         inl[j] = (r < thr2);
@@ -318,11 +362,17 @@ int fsm_verify(const float *qf, const float *df, const int32_t *qid, const int32
     w.xd = malloc((size_t)m * sizeof(float));
     w.yd = malloc((size_t)m * sizeof(float));
     w.res = malloc((size_t)m * sizeof(float));
+    w.ls = malloc((size_t)m * sizeof(float));
+    w.cs = malloc((size_t)m * sizeof(float));
+    w.sn = malloc((size_t)m * sizeof(float));
+    w.shape = p->max_scale_change > 1.0 || (p->max_angle > 0 && p->max_angle < M_PI);
+    w.log_tol = p->max_scale_change > 1.0 ? (float)log(p->max_scale_change) : 1e30f;
+    w.cos_tol = (p->max_angle > 0 && p->max_angle < M_PI) ? (float)cos(p->max_angle) : -2.0f;
     w.hyp_ok = malloc((size_t)m);
     w.inl = malloc((size_t)m);
     int64_t *hyps = malloc((size_t)m * sizeof(int64_t));
     int status = 0;
-    if (!w.xq || !w.yq || !w.xd || !w.yd || !w.res || !w.hyp_ok || !w.inl || !hyps) {
+    if (!w.xq || !w.yq || !w.xd || !w.yd || !w.res || !w.ls || !w.cs || !w.sn || !w.hyp_ok || !w.inl || !hyps) {
         status = -1;
         goto done;
     }
@@ -342,7 +392,16 @@ int fsm_verify(const float *qf, const float *df, const int32_t *qid, const int32
         int fin_shape = fin_pt;
         for (int k = 2; k < 6; k++) fin_shape = fin_shape && isfinite(a[k]) && isfinite(b[k]);
         w.hyp_ok[j] = (uint8_t)fin_shape;
-        if (fin_shape) hyps[n_hyp++] = j;
+        w.ls[j] = 1e9f; w.cs[j] = 0.0f; w.sn[j] = 0.0f;
+        if (fin_shape) {
+            double Lq[4] = {a[2], a[3], a[4], a[5]}, Lqi[4];
+            if (inv2(Lq, Lqi)) {
+                double M[4] = {b[2] * Lqi[0] + b[3] * Lqi[2], b[2] * Lqi[1] + b[3] * Lqi[3],
+                               b[4] * Lqi[0] + b[5] * Lqi[2], b[4] * Lqi[1] + b[5] * Lqi[3]};
+                scale_angle(M, &w.ls[j], &w.cs[j], &w.sn[j]);
+            }
+            hyps[n_hyp++] = j;
+        }
     }
     if (n_valid < min_inl) goto done;
 
@@ -410,7 +469,8 @@ int fsm_verify(const float *qf, const float *df, const int32_t *qid, const int32
     if (inlier_mask) memcpy(inlier_mask, w.inl, (size_t)m);
 
 done:
-    free(w.xq); free(w.yq); free(w.xd); free(w.yd); free(w.res); free(w.hyp_ok); free(w.inl); free(hyps);
+    free(w.xq); free(w.yq); free(w.xd); free(w.yd); free(w.res); free(w.ls); free(w.cs); free(w.sn);
+    free(w.hyp_ok); free(w.inl); free(hyps);
     if (status != 0) clear(out, inlier_mask, m);
     return status;
 }

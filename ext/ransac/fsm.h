@@ -14,6 +14,9 @@ typedef struct {
     double max_scale;      /* hypotheses changing the area scale by more than this^2 are skipped */
     double max_anisotropy; /* hypotheses whose singular values differ by more than this are skipped */
     int min_inliers;       /* fewer one-to-one, non-degenerate inliers than this report zero */
+    double max_scale_change; /* > 1: an inlier's own frame pair must agree with the model's local scale
+                                within this factor (0: no check) */
+    double max_angle;      /* in (0, pi): ... and its orientation within this many radians (0: no check) */
 } fsm_params;
 
 typedef struct {
