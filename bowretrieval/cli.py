@@ -24,7 +24,8 @@ import sys
 from .errors import BowRetrievalError
 
 # modules adding command groups; each defines register(subparsers)
-PLUGINS: tuple = ("bowretrieval.cli_finetune", "bowretrieval.cli_sfm", "bowretrieval.cli_shortvec")
+PLUGINS: tuple = ("bowretrieval.cli_finetune", "bowretrieval.cli_sfm", "bowretrieval.cli_shortvec",
+                  "bowretrieval.cli_verify")
 
 EPILOG = """steps:
   extract   detect and describe local features of a folder (or .txt list) of images into a
@@ -146,6 +147,10 @@ def cmd_search(args) -> int:
 
     index, names, voc, scfg, vcfg, meta = load_index_dir(args.index, threads=args.threads, with_meta=True)
     bbox = _parse_bbox(args.bbox)
+    if args.verify or args.qe or args.out_matches:
+        from .cli_verify import search_verified
+
+        return search_verified(args, index, names, voc, meta, bbox)
     descs = describe_queries(args.queries, meta, bbox)
     ranks, _ = query_stage(index, voc, descs, scfg, progress=False)
     out = []
@@ -165,7 +170,9 @@ def cmd_search(args) -> int:
 def cmd_eval(args) -> int:
     from .pipeline import run_experiment
 
-    cfg = load_cli_config(args)
+    from .cli_verify import apply_eval_args
+
+    cfg = apply_eval_args(load_cli_config(args), args)
     run_experiment(args.dataset, args.train, args.work, cfg, gnd_file=args.gnd, progress=not args.quiet)
     return 0
 
@@ -258,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="results to print per query")
     p.add_argument("--threads", type=int, default=1, help="scoring threads")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    from .cli_verify import add_eval_args, add_search_args
+
+    add_search_args(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("eval", help="run all stages on a revisited-format dataset and evaluate",
@@ -271,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gnd", default=None, help="ground-truth file inside the dataset (default: first gnd_*.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_method_arg(p)
+    add_eval_args(p)
     _add_config_args(p)
     p.set_defaults(func=cmd_eval)
 

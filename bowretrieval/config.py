@@ -53,6 +53,24 @@ class SearchConfig:
 
 
 @dataclass
+class VerifyConfig:
+    enabled: bool = _f(False, "spatially verify and re-rank the top results (--verify); docs/spatial_verification.md")
+    top: int = _f(100, "results verified per query")
+    threshold: float = _f(12.0, "inlier transfer error in pixels for a database image of reference_side pixels")
+    reference_side: int = _f(1024, "threshold scales with the database image's longest side over this (0: absolute)")
+    min_inliers: int = _f(0, "inliers that make an image verified (0: 10 after bow, 5 after smk/asmk/hqe)")
+    max_hypotheses: int = _f(300, "affine hypotheses (single correspondences) scored per image pair (0: all)")
+    homography: bool = _f(True, "upgrade the best affine model to a homography when that gains inliers")
+    max_scale_change: float = _f(2.0, "an inlier's frames must agree with the model's local scale within this factor (0: off)")
+    max_angle: float = _f(30.0, "... and with its local rotation within this many degrees (0: off)")
+    match_ma: int = _f(3, "query multiple assignment of the tentative correspondences")
+    burst_limit: int = _f(64, "words making more than this many correspondences in a pair are skipped")
+    qe: str = _f("none", "query expansion from verified images (--qe): none, avg, or hqe (needs search.method hqe)")
+    qe_images: int = _f(50, "verified images used for query expansion at most")
+    threads: int = _f(2, "image pairs verified in parallel")
+
+
+@dataclass
 class EvalConfig:
     kappas: list = _f([1, 5, 10], "k of the mean precision at k")
     protocols_file: str = _f("", "ground-truth file inside the dataset folder (empty: gnd_*.json, else .pkl)")
@@ -63,6 +81,7 @@ class ExperimentConfig:
     extract: ExtractConfig = field(default_factory=ExtractConfig, metadata={"help": "feature extraction"})
     vocab: VocabConfig = field(default_factory=VocabConfig, metadata={"help": "vocabulary learning"})
     search: SearchConfig = field(default_factory=SearchConfig, metadata={"help": "indexing and search"})
+    verify: VerifyConfig = field(default_factory=VerifyConfig, metadata={"help": "spatial verification and query expansion"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "evaluation"})
 
 

@@ -81,6 +81,7 @@ def index_stage(db_store_path, names, voc: Vocabulary, scfg: SearchConfig, vcfg:
     if scfg.method == "bow":
         words = assign_all(voc, descs, scfg.db_ma, progress, "assign database")
         index = BowIndex(voc.n_words, scfg.threads).fit(words)
+        index.feature_words_ = words  # per-feature words: tentative matches for spatial verification
     else:
         from .asmk import Codebook, build
 
@@ -91,11 +92,12 @@ def index_stage(db_store_path, names, voc: Vocabulary, scfg: SearchConfig, vcfg:
             with FeatureStore(db_store_path) as st:
                 extract_cfg = ExtractConfig(extractor=st.extractor, params=st.extractor_params,
                                             max_side=int(st._h5.attrs.get("max_side", 0)))
-        save_index_dir(out_dir, index, names, voc, scfg, vcfg, extract_cfg, image_root)
+        save_index_dir(out_dir, index, names, voc, scfg, vcfg, extract_cfg, image_root, db_store_path)
     return index
 
 
-def save_index_dir(out_dir, index: BowIndex, names, voc: Vocabulary, scfg, vcfg, extract_cfg=None, image_root=None):
+def save_index_dir(out_dir, index: BowIndex, names, voc: Vocabulary, scfg, vcfg, extract_cfg=None, image_root=None,
+                   features=None):
     """An index directory: bow/ (versioned posting lists), names.json (image names, the search and
     vocabulary settings, and the extractor settings queries must be described with), vocab.npz."""
     os.makedirs(out_dir, exist_ok=True)
@@ -104,7 +106,13 @@ def save_index_dir(out_dir, index: BowIndex, names, voc: Vocabulary, scfg, vcfg,
     tmp = os.path.join(out_dir, "names.json.tmp")
     meta = {"names": list(names), "search": to_dict(scfg), "vocab": to_dict(vcfg),
             "extract": to_dict(extract_cfg) if extract_cfg is not None else None,
-            "image_root": os.path.abspath(image_root) if image_root else None}
+            "image_root": os.path.abspath(image_root) if image_root else None,
+            "features": os.path.abspath(features) if features else None}
+    if getattr(index, "feature_words_", None) is not None:  # BoW: keep the words for verification
+        fw = [np.asarray(w, np.int32).reshape(len(w), -1) for w in index.feature_words_]
+        np.savez(os.path.join(out_dir, "words.tmp.npz"), words=np.concatenate(fw) if fw else np.zeros((0, 1), np.int32),
+                 indptr=np.concatenate([[0], np.cumsum([len(w) for w in fw])]).astype(np.int64))
+        os.replace(os.path.join(out_dir, "words.tmp.npz"), os.path.join(out_dir, "words.npz"))
     with open(tmp, "w") as fh:
         json.dump(meta, fh)
     os.replace(tmp, os.path.join(out_dir, "names.json"))
@@ -147,6 +155,10 @@ def load_index_dir(path, threads=1, with_meta=False):
                                "build one with `bowr index build`") from exc
     if meta["search"].get("method", "bow") == "bow":
         index = BowIndex.load(os.path.join(path, "bow"), threads=threads)
+        if os.path.exists(os.path.join(path, "words.npz")):
+            with np.load(os.path.join(path, "words.npz")) as z:
+                w, p = z["words"], z["indptr"]
+            index.feature_words_ = [w[p[i]:p[i + 1]] for i in range(len(p) - 1)]
     else:
         from .asmk import Database
 
@@ -223,8 +235,17 @@ def run_experiment(dataset_root, train_images, workdir, cfg: ExperimentConfig | 
         qnames = [j.name for j in query_jobs(ds)]
         qdesc = read_descriptors(st, qnames, cfg.vocab.descriptor, cfg.vocab.beta)
     ranks, timings["query_s"] = query_stage(index, voc, qdesc, cfg.search, progress)
+    method = f"{cfg.search.method}-{cfg.vocab.size}"
+    if cfg.verify.enabled:  # spatial verification (and query expansion): docs/spatial_verification.md
+        from .rerank import verify_stage
+
+        t0 = time.time()
+        regions = [tuple(g["bbx"]) if g["bbx"] else (-0.5, -0.5, 1e9, 1e9) for g in ds.gnd]
+        ranks = verify_stage(index, voc, db_store, ds.imlist, q_store, qnames, regions, cfg, progress)
+        timings["verify_s"] = (time.time() - t0) / max(len(qnames), 1)
+        method += "+sp" + ("" if cfg.verify.qe == "none" else f"+qe-{cfg.verify.qe}")
     res = evaluate(ranks, ds.gnd, cfg.eval.kappas)
-    res.update(dataset=ds.name, gnd_file=ds.gnd_file, method=f"{cfg.search.method}-{cfg.vocab.size}",
+    res.update(dataset=ds.name, gnd_file=ds.gnd_file, method=method,
                extractor=cfg.extract.extractor, timings=timings, n_db=len(ds.imlist), n_queries=len(ds.qimlist),
                top10=[[ds.imlist[j] for j in ranks[:10, i]] for i in range(ranks.shape[1])])
     out = os.path.join(workdir, f"results-{ds.name}.json")

@@ -14,7 +14,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,7 +42,8 @@ def rerank_order(ranking, n_inliers, min_inliers: int = 10) -> np.ndarray:
 @dataclass
 class DatabaseFeatures:
     """What verification needs of each database image: frames (N_i, 6), word ids (N_i,) or (N_i, k)
-    aligned with the frames, and optionally the image size (width, height)."""
+    aligned with the frames, and optionally the image size (width, height). Any sequences with
+    ``len`` and integer indexing will do (``StoreFrames`` reads frames lazily from a feature store)."""
 
     frames: list
     words: list
@@ -51,9 +52,6 @@ class DatabaseFeatures:
     def __post_init__(self):
         if len(self.frames) != len(self.words):
             raise DataError(f"{len(self.frames)} frame arrays but {len(self.words)} word arrays")
-        for i, (f, w) in enumerate(zip(self.frames, self.words)):
-            if len(f) != len(w):
-                raise DataError(f"database image {i}: {len(f)} frames but {len(w)} word assignments")
         if self.sizes is not None and len(self.sizes) != len(self.frames):
             raise DataError(f"{len(self.frames)} images but {len(self.sizes)} sizes")
 
@@ -84,9 +82,15 @@ class SpatialReranker:
             raise DataError("query frames and word assignments differ in length")
         matcher = WordMatcher(q_words, self.burst_limit)
         ids = [int(i) for i in ids]
-        matches = [matcher.match(db.words[i]) for i in ids]
+        frames = [db.frames[i] for i in ids]
+        words = [db.words[i] for i in ids]
+        for i, f, w in zip(ids, frames, words):
+            if len(f) != len(w):
+                raise DataError(f"database image {i}: {len(f)} frames but {len(w)} word assignments; "
+                                "were the index and the feature store built from the same features?")
+        matches = [matcher.match(w) for w in words]
         sizes = None if db.sizes is None else [db.sizes[i] for i in ids]
-        return self.verifier.verify_many(q_frames, [db.frames[i] for i in ids], matches, sizes)
+        return self.verifier.verify_many(q_frames, frames, matches, sizes)
 
     def rerank(self, ranking, q_frames, q_words, db: DatabaseFeatures):
         """(new ranking, {database id: Verification} for the verified depth)."""
@@ -155,6 +159,227 @@ def bow_average_query(index, word_lists, top: int | None = None):
     ids, scores = index.search_prepared(np.array([0, len(qw)], np.int64), qw, None,
                                         (qv * per_entry).astype(np.float32), np.ones(1, np.float32), top)
     return ids[0], scores[0]
+
+
+# -- search with verification and expansion --------------------------------------------------------
+QE_MODES = ("none", "avg", "hqe")
+
+
+@dataclass
+class QueryFeatures:
+    """One query: frames (N, 6) in query-image pixels, descriptors (N, D) in the index's variant and
+    the query region (x1, y1, x2, y2) expanded features must map into."""
+
+    frames: np.ndarray
+    descriptors: np.ndarray
+    region: tuple
+    cache: dict = field(default_factory=dict)  # word assignments, reused across searches
+
+
+class VerifiedSearch:
+    """Search, spatial verification of the shortlist and optional query expansion, over either
+    index kind: a ``bow.BowIndex`` (with its ``vocabulary``) or an ``asmk.Database`` (smk, asmk,
+    hqe).
+
+    db: ``DatabaseFeatures`` (frames, words aligned with the index's assignment, sizes).
+    db_descriptors: callable id -> (N_i, D) descriptors; needed for 'avg' expansion of ASMK*/SMK*.
+    reranker: the ``SpatialReranker`` (its min_inliers 0 means: 5 after smk/asmk/hqe, 10 after bow).
+    qe: 'none', 'avg' (average query expansion from verified images) or 'hqe' (HQE with the
+    verified images as the reliable ones; needs a 'hqe' database). qe_images: verified images used.
+    match_ma: query multiple assignment of the tentative correspondences.
+    """
+
+    def __init__(self, index, db: DatabaseFeatures, reranker: SpatialReranker | None = None,
+                 vocabulary=None, db_descriptors=None, qe: str = "none", qe_images: int = 50,
+                 match_ma: int = 3, verify: bool = True):
+        from .bow import BowIndex
+
+        self.index = index
+        self.db = db
+        self.is_bow = isinstance(index, BowIndex)
+        self.vocabulary = vocabulary
+        self.db_descriptors = db_descriptors
+        self.qe = qe
+        self.qe_images = int(qe_images)
+        self.match_ma = int(match_ma)
+        self.verify = bool(verify)
+        if qe not in QE_MODES:
+            raise DataError(f"query expansion must be one of {QE_MODES}, got {qe!r}")
+        if self.is_bow and vocabulary is None:
+            raise DataError("a BoW index needs its vocabulary for query assignment")
+        method = "bow" if self.is_bow else index.params.method
+        if qe == "hqe" and method != "hqe":
+            raise DataError(f"qe 'hqe' needs an index built with method hqe, not {method!r}")
+        if qe == "avg" and not self.is_bow and db_descriptors is None:
+            raise DataError("average query expansion on an ASMK*/SMK* index needs the database descriptors")
+        if qe != "none" and not self.verify:
+            raise DataError("query expansion from verified images needs verification (--verify)")
+        self.method = method
+        self.reranker = reranker or SpatialReranker()
+        if self.reranker.min_inliers <= 0:
+            self.reranker.min_inliers = 10 if method == "bow" else 5
+        if len(db) != (index.n_images_ if self.is_bow else index.n_images):
+            raise DataError(f"{len(db)} database feature sets for an index of "
+                            f"{index.n_images_ if self.is_bow else index.n_images} images")
+
+    # -- backend pieces ------------------------------------------------------------------------
+    def _assign(self, q: QueryFeatures, k):
+        """The k nearest words of the query descriptors (cached on the query: the k nearest are a
+        prefix of the k' > k nearest)."""
+        w = q.cache.get("words")
+        if w is None or w.shape[1] < k:
+            d = q.descriptors
+            if len(d) == 0:
+                w = np.zeros((0, k), np.int32)
+            else:
+                w = self.vocabulary.assign(d, k) if self.is_bow else self.index.query_words(d, k)
+            q.cache["words"] = w
+        return w[:, :k]
+
+    def _query_ma(self):
+        return 1 if self.is_bow else self.index.params.query_ma
+
+    def _first_ranking(self, q: QueryFeatures):
+        if self.is_bow:
+            return self.index.search([self._assign(q, 1)], None)[0][0], None
+        if self.qe == "hqe":
+            # HQE+SP: the first round is the plain Hamming-embedding (SMK*) ranking
+            enc = self.index.encode_queries([q.descriptors], words=[self._assign(q, self._query_ma())])
+            self.index.ivf.threads = self.index.threads
+            return self.index.ivf.search(enc, None)[0][0], enc[0]
+        return self.index.query([q.descriptors], top=None, words=[self._assign(q, self._query_ma())]).ids[0], None
+
+    def _expanded_ranking(self, q: QueryFeatures, ver: dict, ranking, enc):
+        ids = self.reranker.verified(ver, ranking, self.qe_images)
+        if not ids:
+            return None
+        if self.qe == "hqe":
+            expanded = self.index._hqe_expand(enc[0], enc[1], np.asarray(ids, np.int64))
+            return self.index.ivf.search([expanded], None)[0][0]
+        sets = expansion_sets(ver, ids, self.db, q.region)
+        if not sets:
+            return None
+        if self.is_bow:
+            words = [self._assign(q, 1).reshape(-1)] + \
+                    [np.asarray(self.db.words[i])[sel].reshape(-1) for i, sel in sets]
+            return bow_average_query(self.index, words)[0]
+        descs = [np.asarray(q.descriptors, np.float32)] + \
+                [np.asarray(self.db_descriptors(i), np.float32)[sel] for i, sel in sets]
+        return self.index.query([np.concatenate(descs)], top=None).ids[0]
+
+    # -- the search ----------------------------------------------------------------------------
+    def search(self, q: QueryFeatures):
+        """(ranking (n_images,) int64, {id: Verification} of the last verified shortlist, stats)."""
+        stats = {}
+        if self.verify:
+            self._assign(q, max(self.match_ma, self._query_ma()))  # one assignment serves both
+        ranking, enc = self._first_ranking(q)
+        if not self.verify or len(q.frames) == 0:
+            return np.asarray(ranking, np.int64), {}, stats
+        qw = self._assign(q, self.match_ma)
+        ranking, ver = self.reranker.rerank(ranking, q.frames, qw, self.db)
+        stats["verified"] = sum(v.n_inliers >= self.reranker.min_inliers for v in ver.values())
+        if self.qe != "none":
+            new = self._expanded_ranking(q, ver, ranking, enc)
+            if new is not None:
+                cache = ver
+                ranking, ver2 = self._rerank_cached(np.asarray(new, np.int64), q.frames, qw, cache)
+                stats["expanded"] = True
+                ver = ver2
+        return np.asarray(ranking, np.int64), ver, stats
+
+    def _rerank_cached(self, ranking, q_frames, q_words, cache):
+        """Re-rank reusing verifications already computed for this query."""
+        top = ranking[: self.reranker.top]
+        todo = [int(i) for i in top if int(i) not in cache]
+        if todo:
+            for i, v in zip(todo, self.reranker.verify(q_frames, q_words, todo, self.db)):
+                cache[i] = v
+        ver = {int(i): cache[int(i)] for i in top}
+        return rerank_order(ranking, [ver[int(i)].n_inliers for i in top], self.reranker.min_inliers), ver
+
+
+# -- wiring to index directories, feature stores and configs ---------------------------------------
+class StoreFrames:
+    """Frames of database images read lazily from a feature store (``names`` in index order)."""
+
+    def __init__(self, store, names):
+        self.store, self.names = store, list(names)
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        n = self.names[int(i)]
+        return self.store.frames(n) if n in self.store else np.zeros((0, 6), np.float32)
+
+
+class _IndexWords:
+    """Per-image word assignments of an ``asmk.Database`` as a sequence."""
+
+    def __init__(self, database):
+        self.database = database
+
+    def __len__(self):
+        return self.database.n_images
+
+    def __getitem__(self, i):
+        return self.database.image_words(int(i))
+
+
+def database_features(index, store, names, vocabulary=None, descriptor="rootsift", beta=0.5,
+                      in_memory=True) -> DatabaseFeatures:
+    """Frames, words and sizes of the indexed images from the database feature ``store`` (an open
+    ``FeatureStore``). Words come from the index (ASMK*/SMK*/HQE databases, or a BoW index built
+    with its words kept), else by assigning the store's descriptors with ``vocabulary``."""
+    from .bow import BowIndex
+
+    names = list(names)
+    frames = [f for f in StoreFrames(store, names)] if in_memory else StoreFrames(store, names)
+    sizes = [store.image_size(n) if n in store else (0, 0) for n in names]
+    if not isinstance(index, BowIndex):
+        words = _IndexWords(index)
+    elif getattr(index, "feature_words_", None) is not None:
+        words = index.feature_words_
+    else:
+        if vocabulary is None:
+            raise DataError("the BoW index keeps no per-feature words; pass its vocabulary to assign them")
+        words = [vocabulary.assign(store.descriptors(n, descriptor, beta=beta), 1) if n in store
+                 else np.zeros((0, 1), np.int32) for n in names]
+    return DatabaseFeatures(frames, words, sizes)
+
+
+def verified_search(index, db: DatabaseFeatures, vcfg, vocabulary=None, db_descriptors=None) -> VerifiedSearch:
+    """A ``VerifiedSearch`` from a ``config.VerifyConfig``."""
+    verifier = SpatialVerifier(threshold=vcfg.threshold, reference_side=vcfg.reference_side,
+                               max_hypotheses=vcfg.max_hypotheses, homography=vcfg.homography,
+                               max_scale_change=vcfg.max_scale_change, max_angle=vcfg.max_angle,
+                               threads=vcfg.threads)
+    rr = SpatialReranker(verifier, vcfg.top, vcfg.min_inliers, vcfg.burst_limit)
+    return VerifiedSearch(index, db, rr, vocabulary, db_descriptors, vcfg.qe, vcfg.qe_images, vcfg.match_ma,
+                          verify=vcfg.enabled)
+
+
+def verify_stage(index, vocabulary, db_store_path, names, q_store_path, q_names, regions, cfg, progress=True):
+    """Pipeline stage: search every query of a query store with verification / expansion as
+    ``cfg.verify`` says; returns ranks (n_db, n_queries) as revisitop expects."""
+    from tqdm.auto import tqdm
+
+    from .featurestore import FeatureStore
+
+    variant, beta = cfg.vocab.descriptor, cfg.vocab.beta
+    with FeatureStore(db_store_path) as dst, FeatureStore(q_store_path) as qst:
+        db = database_features(index, dst, names, vocabulary, variant, beta)
+        search = verified_search(index, db, cfg.verify, vocabulary,
+                                 lambda i: dst.descriptors(names[i], variant, beta=beta))
+        ranks = []
+        for n, region in tqdm(list(zip(q_names, regions)), desc="verify", unit="query", disable=not progress):
+            if n in qst:
+                q = QueryFeatures(qst.frames(n), qst.descriptors(n, variant, beta=beta), region)
+            else:
+                q = QueryFeatures(np.zeros((0, 6), np.float32), np.zeros((0, 128), np.float32), region)
+            ranks.append(search.search(q)[0])
+    return np.stack(ranks, 1) if ranks else np.zeros((len(names), 0), np.int64)
 
 
 # -- pictures ---------------------------------------------------------------------------------------
