@@ -155,6 +155,18 @@ def main(argv=None):
         q_store = os.path.join(fdir, store_name(f"queries-{ds.name}", cfg.extract))
         extract_stage(query_jobs(ds), q_store, cfg.extract, False)
         queries = load_queries(q_store, ds, variant, beta)
+        k = max(5, args.match_ma)  # one assignment per query serves every method (a prefix is the k' < k)
+        qpath = os.path.join(args.work, f"qwords{k}-{ds.name}-{vkey}.npz")
+        if os.path.exists(qpath):
+            with np.load(qpath) as z:
+                qa, qp = z["words"], z["indptr"]
+            qwords = [qa[qp[i]:qp[i + 1]] for i in range(len(queries))]
+        else:
+            qwords = [voc.assign(q.descriptors, k) if len(q.descriptors) else np.zeros((0, k), np.int32)
+                      for q in queries]
+            np.savez(qpath, words=np.concatenate(qwords), indptr=np.concatenate([[0], np.cumsum([len(w) for w in qwords])]))
+        for q, w in zip(queries, qwords):
+            q.cache["words"] = w
         rows, results = [], {}
         for m in methods:
             base = m.split("+")[0]
