@@ -129,6 +129,18 @@ def cmd_index_build(args) -> int:
     return 0
 
 
+def cmd_index_verify(args) -> int:
+    from .invfile import InvertedFile
+
+    subs = [os.path.join(args.index, d) for d in ("bow", "asmk") if os.path.isdir(os.path.join(args.index, d))]
+    for path in subs or [args.index]:
+        man = InvertedFile.verify(path)
+        nbytes = sum(e["bytes"] for e in man["arrays"].values())
+        print(f"{path}: ok ({man['params']['kind']}, {man['n_images']} images, {man['n_entries']} entries, "
+              f"{nbytes / 1e6:.1f} MB, format version {man['version']})")
+    return 0
+
+
 # -- search -----------------------------------------------------------------------------------------
 def _parse_bbox(text):
     if text is None:
@@ -254,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_arg(ib)
     _add_config_args(ib)
     ib.set_defaults(func=cmd_index_build)
+    iv = isub.add_parser("verify", help="check an index directory (sizes, format version, CRC32 checksums)",
+                         description="Read every array of an index directory and compare it with the CRC32 "
+                                     "checksums, sizes and format version of its manifest; prints a summary.")
+    iv.add_argument("index", help="index directory from `bowr index build` (or an inverted-file directory)")
+    iv.set_defaults(func=cmd_index_verify)
     p.set_defaults(func=lambda a: _group_help(p))
 
     p = sub.add_parser("search", help="query an index with images",

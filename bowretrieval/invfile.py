@@ -145,7 +145,10 @@ class InvertedFile:
             raise DataError(f"add: {base + n_new} images exceed the uint32 image ids of one index "
                             f"(at most {MAX_IMAGES}); split the collection into shards")
         img = img.astype(np.int64) + base
-        order = np.lexsort((np.arange(len(words)), img, words)) if len(words) else np.zeros(0, np.int64)
+        if len(img) < 2 or bool(np.all(img[1:] >= img[:-1])):  # already in image order: O(n) counting sort
+            order = _k.counting_order(words, self.n_words)
+        else:
+            order = np.lexsort((np.arange(len(words)), img, words))
         words, img = words[order], img[order]
         if self.kind == "bow":
             starts, counts = _k.count_pairs(img, words)
@@ -171,9 +174,10 @@ class InvertedFile:
         """Merge the pending chunks into the posting lists and recompute idf and normalisers."""
         if self._pending:
             parts = [(self._word_of_entries(), self.ids_, self.payload_, self.fids_)] + self._pending
+            self._pending = []
             self._merge(parts)
             self.n_images_ += self._pending_images
-            self._pending, self._pending_images = [], 0
+            self._pending_images = 0
         self._update_weights()
         return self
 
@@ -193,7 +197,9 @@ class InvertedFile:
         pay = np.empty((total, 2), np.uint64) if self.signed else np.empty(total, np.float32)
         fids = np.empty(total, np.uint32) if self.kind == "smk" else None
         offset = indptr[:-1].copy()  # next free slot of each word
-        for (w, i, p, f), c in zip(parts, counts):
+        for k, c in enumerate(counts):
+            w, i, p, f = parts[k]
+            parts[k] = None  # let merged chunks go as we proceed
             if not len(w):
                 continue
             starts = np.zeros(self.n_words + 1, np.int64)

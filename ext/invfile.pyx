@@ -59,13 +59,16 @@ cdef void _sift_down(float* hs, int64_t* hi, Py_ssize_t n, Py_ssize_t i) noexcep
 cdef void _finish(float* acc, uint8_t* mark, uint32_t* touched, Py_ssize_t nt, const float* inv_norm,
                   float q_scale, Py_ssize_t n_img, Py_ssize_t top, float* out_s, int64_t* out_i) noexcept nogil:
     """Top ``top`` of the touched images (acc reset to zero on the way), then untouched ones at 0."""
-    cdef Py_ssize_t n = 0, t, j, k
+    cdef Py_ssize_t n = 0, t, j, k, npos, nz
     cdef float s, ts
     cdef int64_t d, ti
     for t in range(nt):
         d = touched[t]
         s = acc[d] * inv_norm[d] * q_scale
         acc[d] = 0
+        if s == 0:  # no contribution passed the threshold: ranks like an untouched image
+            mark[d] = 0
+            continue
         if n < top:
             out_s[n] = s
             out_i[n] = d
@@ -86,7 +89,7 @@ cdef void _finish(float* acc, uint8_t* mark, uint32_t* touched, Py_ssize_t nt, c
             ts = out_s[0]; out_s[0] = out_s[k]; out_s[k] = ts
             ti = out_i[0]; out_i[0] = out_i[k]; out_i[k] = ti
             _sift_down(out_s, out_i, k, 0)
-    else:  # fewer touched than top: insertion sort, then pad with untouched images
+    else:  # fewer scored than top: insertion sort, then zero-score images in id order before negatives
         for j in range(1, n):
             s = out_s[j]; d = out_i[j]
             k = j
@@ -94,12 +97,21 @@ cdef void _finish(float* acc, uint8_t* mark, uint32_t* touched, Py_ssize_t nt, c
                 out_s[k] = out_s[k - 1]; out_i[k] = out_i[k - 1]
                 k -= 1
             out_s[k] = s; out_i[k] = d
+        npos = 0
+        while npos < n and out_s[npos] > 0:
+            npos += 1
+        nz = top - n  # zero-score images to insert (each image is either scored or zero)
+        k = n
+        while k > npos:  # shift negative scores to the tail
+            k -= 1
+            out_s[k + nz] = out_s[k]; out_i[k + nz] = out_i[k]
+        j = npos
         d = 0
-        while n < top and d < n_img:
+        while j < npos + nz and d < n_img:
             if not mark[d]:
-                out_s[n] = 0
-                out_i[n] = d
-                n += 1
+                out_s[j] = 0
+                out_i[j] = d
+                j += 1
             d += 1
     for t in range(nt):
         mark[touched[t]] = 0
@@ -115,10 +127,9 @@ cdef Py_ssize_t _acc_tf(const int32_t* qw, const float* qv, Py_ssize_t nq, const
         v = qv[a]
         for j in range(indptr[qw[a]], indptr[qw[a] + 1]):
             d = ids[j]
-            if not mark[d]:
-                mark[d] = 1
-                touched[nt] = d
-                nt += 1
+            touched[nt] = d
+            nt += 1 - mark[d]
+            mark[d] = 1
             acc[d] += v * tf[j]
     return nt
 
@@ -136,15 +147,15 @@ cdef Py_ssize_t _acc_sig(const int32_t* qw, const uint64_t* qs, const float* qv,
         v = qv[a]
         q0 = qs[2 * a]
         q1 = qs[2 * a + 1]
+        # branch-free: signatures of unrelated features pass a threshold near half the time, a
+        # branch on it would be mispredicted that often (lut is 0 above ht)
         for j in range(indptr[qw[a]], indptr[qw[a] + 1]):
             h = bowr_popcount128(q0 ^ sigs[2 * j], q1 ^ sigs[2 * j + 1])
-            if h <= ht:
-                d = ids[j]
-                if not mark[d]:
-                    mark[d] = 1
-                    touched[nt] = d
-                    nt += 1
-                acc[d] += v * lut[h]
+            d = ids[j]
+            touched[nt] = d
+            nt += 1 - mark[d]
+            mark[d] = 1
+            acc[d] += v * lut[h]
     return nt
 
 
@@ -404,3 +415,22 @@ def count_pairs(const int64_t[::1] image_ids, const int32_t[::1] words):
     starts = starts[:u]
     counts = np.diff(np.append(starts, m))
     return starts, counts
+
+
+def counting_order(const int32_t[::1] words, Py_ssize_t n_words):
+    """Stable order of entries by word (counting sort, O(n)): entries already in image order come
+    out in (word, image) order, the posting-list layout."""
+    cdef Py_ssize_t n = words.shape[0], i
+    counts = np.zeros(n_words + 1, np.int64)
+    order = np.empty(n, np.int64)
+    cdef int64_t[::1] c = counts
+    cdef int64_t[::1] o = order
+    with nogil:
+        for i in range(n):
+            c[words[i] + 1] += 1
+        for i in range(n_words):
+            c[i + 1] += c[i]
+        for i in range(n):
+            o[c[words[i]]] = i
+            c[words[i]] += 1
+    return order

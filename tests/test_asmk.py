@@ -185,3 +185,19 @@ def test_cli_builds_and_searches_an_asmk_index(tmp_path, capsys):
     capsys.readouterr()
     assert main(["search", str(idx), str(imgs / "a1.png"), "--top", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["top"] == ["a1.png"]
+
+
+def test_cli_index_verify_reports_checksum_damage(world, tmp_path, capsys):
+    from bowretrieval.cli import main
+
+    _, _, cb, db, _ = world
+    path = asmk.build(cb, db[:5]).save(tmp_path / "idx" / "asmk")
+    assert main(["index", "verify", str(tmp_path / "idx")]) == 0
+    assert "ok (asmk, 5 images" in capsys.readouterr().out
+    with open(os.path.join(path, "payload.npy"), "r+b") as fh:
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([last[0] ^ 0xFF]))
+    assert main(["index", "verify", str(tmp_path / "idx")]) == 1
+    assert "CRC32" in capsys.readouterr().err

@@ -262,3 +262,15 @@ def test_entries_of_returns_the_images_postings(rng):
     assert sorted(ivf.fids_[pos].tolist()) == list(range(12))
     np.testing.assert_array_equal(np.sort(words), np.sort(W[I == 4]))
     assert (ivf.ids_[pos] == 4).all()
+
+
+def test_negative_selectivity_ranks_below_untouched_images(rng):
+    W, I, S, _ = _random_sig_db(rng, n_img=30)
+    I = np.where(I >= 25, I + 10, I)  # images 25..39 have no entries: untouched, score 0
+    ivf = InvertedFile(N_WORDS, "asmk", tau=-0.6).add(W, I, S, n_images=40).compact()
+    qw = np.unique(W[:6])
+    qs = rng.integers(0, 2**64, (len(qw), 2), dtype=np.uint64)
+    ids, sc = ivf.search([(qw, qs)], top=None)
+    ref = _dense_sig_scores(qw, qs, W, I, S, 40, tau=-0.6)
+    assert (ref < 0).any()
+    np.testing.assert_array_equal(ids[0], np.lexsort((np.arange(40), -ref.astype(np.float32))))
