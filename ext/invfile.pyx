@@ -179,7 +179,7 @@ def search_tf(const int64_t[::1] q_indptr, const int32_t[::1] q_words, const flo
     nth = max(1, min(threads, nq)) if nq else 1
     acc = np.zeros((nth, max(n_img, 1)), np.float32)
     mark = np.zeros((nth, max(n_img, 1)), np.uint8)
-    touched = np.zeros((nth, max(n_img, 1)), np.uint32)
+    touched = np.zeros((nth, n_img + 1), np.uint32)  # +1: the branch-free append writes touched[nt] even when all are in
     cdef float[:, ::1] acc_v = acc
     cdef uint8_t[:, ::1] mark_v = mark
     cdef uint32_t[:, ::1] tch = touched
@@ -217,7 +217,7 @@ def search_sig(const int64_t[::1] q_indptr, const int32_t[::1] q_words, const ui
     nth = max(1, min(threads, nq)) if nq else 1
     acc = np.zeros((nth, max(n_img, 1)), np.float32)
     mark = np.zeros((nth, max(n_img, 1)), np.uint8)
-    touched = np.zeros((nth, max(n_img, 1)), np.uint32)
+    touched = np.zeros((nth, n_img + 1), np.uint32)  # +1: the branch-free append writes touched[nt] even when all are in
     cdef float[:, ::1] acc_v = acc
     cdef uint8_t[:, ::1] mark_v = mark
     cdef uint32_t[:, ::1] tch = touched
