@@ -20,7 +20,7 @@ class SfmFeaturesConfig:
 class SfmRetrievalConfig:
     vocabulary: str = _f("", "vocabulary .npz to use (empty: learn one on the collection)")
     vocab_size: int = _f(0, "words of the learned vocabulary (0: ~2 x features per image, 256..8192)")
-    vocab_max_descriptors: int = _f(200_000, "descriptors sampled to learn the vocabulary")
+    vocab_max_descriptors: int = _f(100_000, "descriptors sampled to learn the vocabulary")
     top_k: int = _f(20, "retrieval results spatially verified per query")
     expansion: int = _f(5, "verified results merged into an average-query-expansion query (0: off)")
     seeds: str = _f("retrieval", "seed finding: retrieval (sampled queries), minhash (large vocabularies), or both")
@@ -32,8 +32,9 @@ class SfmRetrievalConfig:
 
 @dataclass
 class SfmVerifyConfig:
+    backend: str = _f("bowretrieval", "bowretrieval (package fast spatial matching) or opencv (USAC homography)")
     threshold: float = _f(10.0, "homography reprojection threshold, pixels per 1024 px of image side")
-    min_inliers: int = _f(20, "inliers for a retrieval result to count as verified")
+    min_inliers: int = _f(30, "inliers for a retrieval result to count as verified")
     max_per_word: int = _f(4, "skip visual words more frequent than this in an image")
 
 

@@ -40,7 +40,7 @@ from . import colmap
 from .colmap import DbImage
 from .config import MineConfig
 from .minhash import minhash_pairs
-from .verify import HomographyVerifier
+from .verify import make_verifier
 
 SUMMARY_FORMAT = "bowretrieval.sfm.summary/1"
 STAGES = ("features", "index", "clusters", "match", "map", "extend", "finish")
@@ -206,14 +206,14 @@ class Miner:
         os.makedirs(self.path("retrieval"), exist_ok=True)
         fc = self.cfg.features
         with FeatureStore(self.store_path) as st:
-            self.xy, descs, self.sizes = [], [], []
+            self.frames, descs, self.sizes = [], [], []
             for n in tqdm(self.names, desc="load features", disable=not self.progress, unit="img"):
                 d = st.descriptors(n, "rootsift")
-                xy = st.frames(n)[:, :2]
+                fr = st.frames(n)
                 if fc.max_features and len(d) > fc.max_features:
-                    d, xy = d[:fc.max_features], xy[:fc.max_features]
+                    d, fr = d[:fc.max_features], fr[:fc.max_features]
                 descs.append(d)
-                self.xy.append(np.asarray(xy, np.float64))
+                self.frames.append(np.ascontiguousarray(fr, np.float32))
                 self.sizes.append(max(st.image_size(n)))
         words_f = self.path("retrieval", "words.npz")
         if os.path.exists(words_f):
@@ -280,16 +280,21 @@ class Miner:
                         self.verified[(min(ia, ib), max(ia, ib))] = int(n)
         self._pairs_fh = open(f, "a")
 
-    def verify_pair(self, a: int, b: int) -> int:
-        """Inliers of the spatially verified pair (cached on disk)."""
-        key = (min(a, b), max(a, b))
-        n = self.verified.get(key)
-        if n is None:
-            n = self.verifier.inliers(self.xy[a], self.words[a], self.xy[b], self.words[b], self.sizes[b])
-            self.verified[key] = n
-            self.n_verifications += 1
-            self._pairs_fh.write(json.dumps([self.names[key[0]], self.names[key[1]], n]) + "\n")
-        return n
+    def verify_pairs(self, a: int, others) -> list:
+        """Inliers of the spatially verified pairs (a, b) for b in others (cached on disk)."""
+        todo = [b for b in dict.fromkeys(others) if (min(a, b), max(a, b)) not in self.verified]
+        if todo:
+            counts = self.verifier.inliers_many(self.frames[a], self.words[a], [self.frames[b] for b in todo],
+                                                [self.words[b] for b in todo], [self.sizes[b] for b in todo])
+            for b, n in zip(todo, counts):
+                key = (min(a, b), max(a, b))
+                self.verified[key] = int(n)
+                self.n_verifications += 1
+                self._pairs_fh.write(json.dumps([self.names[key[0]], self.names[key[1]], int(n)]) + "\n")
+        return [self.verified[(min(a, b), max(a, b))] for b in others]
+
+    def _verified(self, q, cands) -> list:
+        return [c for c, n in zip(cands, self.verify_pairs(q, cands)) if n >= self.verifier.min_inliers]
 
     def query(self, q: int, exclude=(), top_k=None) -> list:
         """Verified results of image q (indices), with one round of average query expansion."""
@@ -297,7 +302,7 @@ class Miner:
         top_k = top_k or rc.top_k
         ranked, _ = self.index.search([self.words[q]], top=top_k + 1)
         cands = [int(c) for c in ranked[0] if c != q and c not in exclude][:top_k]
-        good = [c for c in cands if self.verify_pair(q, c) >= self.verifier.min_inliers]
+        good = self._verified(q, cands)
         if rc.expansion > 0 and good:
             # average query expansion (Chum et al. 2007): query again with the words of the query and
             # its best verified results, verify what is new against the query
@@ -306,12 +311,13 @@ class Miner:
             ranked, _ = self.index.search([words], top=top_k + 1 + len(best))
             seen = set(cands)
             more = [int(c) for c in ranked[0] if c != q and c not in seen and c not in exclude][:top_k]
-            good += [c for c in more if self.verify_pair(q, c) >= self.verifier.min_inliers]
+            good += self._verified(q, more)
         return good
 
     def stage_clusters(self, i):
         vc, rc = self.cfg.verify, self.cfg.retrieval
-        self.verifier = HomographyVerifier(vc.threshold, vc.min_inliers, vc.max_per_word, seed=self.cfg.seed)
+        self.verifier = make_verifier(vc.backend, vc.threshold, vc.min_inliers, vc.max_per_word, self.cfg.seed,
+                                      self.cfg.threads)
         self.n_verifications = 0
         self._load_pairs()
         f = self.path("clusters.json")
@@ -329,9 +335,14 @@ class Miner:
             cand = minhash_pairs(self.words, rc.minhash_sketches, rc.minhash_size, rc.minhash_max_bucket,
                                  seed=self.cfg.seed)
             n_minhash = len(cand)
-            for a, b in tqdm(cand, desc="verify min-hash collisions", disable=not self.progress, unit="pair"):
-                if self.verify_pair(a, b) >= vc.min_inliers:
-                    seeds += [a, b]
+            by_first = {}
+            for a, b in cand:
+                by_first.setdefault(a, []).append(b)
+            for a, bs in tqdm(by_first.items(), desc="verify min-hash collisions", disable=not self.progress,
+                              unit="img"):
+                for b, n in zip(bs, self.verify_pairs(a, bs)):
+                    if n >= vc.min_inliers:
+                        seeds += [a, b]
             self.log(f"    min-hash: {len(cand)} colliding pairs, {len(seeds) // 2} verified")
         if rc.seeds in ("retrieval", "both"):
             order = list(range(n))

@@ -1,104 +1,17 @@
-"""Pairwise verification for mining: descriptor matching plus epipolar (fundamental-matrix) RANSAC.
+"""Spatial verification of retrieval results for mining.
 
-Tentative correspondences are mutual nearest neighbours under Lowe's ratio test on RootSIFT; the
-epipolar model is fitted with OpenCV's USAC (MAGSAC++). A pair counts as verified with at least
-``min_inliers`` inliers. The backend is behind this one module so the package's own RANSAC
-(``bowretrieval.ransac``) can replace OpenCV without touching the mining code.
+Tentative correspondences come from shared visual words (cheap: no descriptor matching); a
+homography is fitted robustly and a pair counts as verified with at least ``min_inliers`` inliers.
+Densification inside clusters is done by COLMAP's matcher with epipolar verification
+(``colmap.py``). The estimator sits behind this one module so that another RANSAC can replace
+OpenCV's without touching the mining code.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from bowretrieval.errors import ConfigError
-
-
-@dataclass
-class PairGeometry:
-    """Result of verifying one image pair: raw matches, inlier matches (feature indices) and F."""
-
-    matches: np.ndarray  # (M, 2) int32 tentative correspondences
-    inliers: np.ndarray  # (K, 2) int32 subset consistent with F
-    F: np.ndarray | None  # (3, 3) float64 fundamental matrix x2^T F x1 = 0, or None
-
-    @property
-    def n_inliers(self) -> int:
-        return int(len(self.inliers))
-
-
-def match_descriptors(d1: np.ndarray, d2: np.ndarray, ratio: float = 0.8, mutual: bool = True) -> np.ndarray:
-    """(M, 2) int32 index pairs: nearest neighbours passing the ratio test (and mutual when asked).
-
-    d1, d2: float32 (N, D) descriptors (RootSIFT: Euclidean distance = Hellinger kernel).
-    """
-    if len(d1) < 2 or len(d2) < 2:
-        return np.zeros((0, 2), np.int32)
-    d1 = np.ascontiguousarray(d1, np.float32)
-    d2 = np.ascontiguousarray(d2, np.float32)
-    bf = cv2.BFMatcher(cv2.NORM_L2)
-    knn = bf.knnMatch(d1, d2, k=2)
-    fwd = np.array([(m[0].queryIdx, m[0].trainIdx) for m in knn
-                    if len(m) == 2 and m[0].distance < ratio * m[1].distance], np.int32).reshape(-1, 2)
-    if not mutual or len(fwd) == 0:
-        return fwd
-    back = bf.match(d2, d1)
-    nn21 = np.full(len(d2), -1, np.int64)
-    for m in back:
-        nn21[m.queryIdx] = m.trainIdx
-    keep = nn21[fwd[:, 1]] == fwd[:, 0]
-    return fwd[keep]
-
-
-class EpipolarVerifier:
-    """Verify pairs with a fundamental matrix.
-
-    threshold: inlier distance to the epipolar line in pixels (scaled by image size / 1024 when
-    ``relative``). min_inliers: inliers needed to call a pair verified. ratio: Lowe ratio.
-    backend: 'opencv' (USAC MAGSAC++) or 'bowretrieval' (the package's RANSAC, when installed).
-    """
-
-    def __init__(self, threshold: float = 2.0, min_inliers: int = 20, ratio: float = 0.8,
-                 confidence: float = 0.9999, max_iters: int = 5000, backend: str = "opencv", seed: int = 0):
-        if backend not in ("opencv", "bowretrieval"):
-            raise ConfigError(f"verify.backend must be 'opencv' or 'bowretrieval', got {backend!r}")
-        if backend == "bowretrieval":
-            try:
-                from bowretrieval import ransac  # noqa: F401
-            except ImportError as exc:
-                raise ConfigError("verify.backend 'bowretrieval' needs bowretrieval.ransac, which this "
-                                  "installation lacks; use backend: opencv") from exc
-        self.threshold = float(threshold)
-        self.min_inliers = int(min_inliers)
-        self.ratio = float(ratio)
-        self.confidence = float(confidence)
-        self.max_iters = int(max_iters)
-        self.backend = backend
-        self.seed = int(seed)
-
-    def fit_fundamental(self, x1: np.ndarray, x2: np.ndarray):
-        """(F, inlier mask) for point arrays (M, 2); (None, all-False) when no model is found."""
-        mask = np.zeros(len(x1), bool)
-        if len(x1) < 8:
-            return None, mask
-        cv2.setRNGSeed(self.seed)
-        F, m = cv2.findFundamentalMat(x1.astype(np.float64), x2.astype(np.float64), cv2.USAC_MAGSAC,
-                                      self.threshold, self.confidence, self.max_iters)
-        if F is None or m is None or F.shape != (3, 3):
-            return None, mask
-        return F, m.ravel().astype(bool)
-
-    def verify(self, xy1: np.ndarray, d1: np.ndarray, xy2: np.ndarray, d2: np.ndarray) -> PairGeometry:
-        """Match descriptors and fit F; inliers are returned even below ``min_inliers``."""
-        matches = match_descriptors(d1, d2, self.ratio)
-        if len(matches) < 8:
-            return PairGeometry(matches, np.zeros((0, 2), np.int32), None)
-        F, mask = self.fit_fundamental(xy1[matches[:, 0]], xy2[matches[:, 1]])
-        return PairGeometry(matches, matches[mask], F)
-
-    def is_verified(self, geom: PairGeometry) -> bool:
-        return geom.n_inliers >= self.min_inliers
 
 
 def word_correspondences(w1: np.ndarray, w2: np.ndarray, max_per_word: int = 4) -> np.ndarray:
@@ -160,3 +73,48 @@ class HomographyVerifier:
         # one feature may take part in several correspondences: count distinct features only
         inl = corr[m.ravel().astype(bool)]
         return int(min(len(np.unique(inl[:, 0])), len(np.unique(inl[:, 1]))))
+
+    def inliers_many(self, f1, w1, frames, words, sizes) -> list:
+        """``inliers`` of one query (frames (N, 6) or points, words) against several images."""
+        xy1 = np.asarray(f1)[:, :2]
+        return [self.inliers(xy1, w1, np.asarray(f)[:, :2], w, s) for f, w, s in zip(frames, words, sizes)]
+
+
+class FastSpatialVerifier:
+    """The package's fast spatial matching (``bowretrieval.ransac``: affine hypotheses from single
+    correspondences of affine frames, local optimisation, homography upgrade, one-to-one inliers)
+    on visual-word correspondences (``bowretrieval.correspondences``), batched per query.
+
+    threshold: transfer error in pixels per 1024 px of the longer image side.
+    """
+
+    def __init__(self, threshold: float = 10.0, min_inliers: int = 20, max_per_word: int = 4, threads: int = 1):
+        from bowretrieval.ransac import SpatialVerifier
+
+        self.threshold = float(threshold)
+        self.min_inliers = int(min_inliers)
+        self.max_per_word = int(max_per_word)
+        self._sv = SpatialVerifier(threshold=threshold, reference_side=1024, min_inliers=3, threads=threads)
+
+    def inliers_many(self, f1, w1, frames, words, sizes) -> list:
+        from bowretrieval.correspondences import WordMatcher
+
+        wm = WordMatcher(w1, burst_limit=self.max_per_word * self.max_per_word)
+        matches = [wm.match(w) for w in words]
+        res = self._sv.verify_many(np.asarray(f1, np.float32), [np.asarray(f, np.float32) for f in frames],
+                                   matches, [(s, s) for s in sizes])
+        return [r.n_inliers for r in res]
+
+
+def make_verifier(backend: str, threshold: float, min_inliers: int, max_per_word: int, seed: int = 0,
+                  threads: int = 1):
+    """'opencv' (HomographyVerifier) or 'bowretrieval' (FastSpatialVerifier)."""
+    if backend == "opencv":
+        return HomographyVerifier(threshold, min_inliers, max_per_word, seed=seed)
+    if backend == "bowretrieval":
+        try:
+            return FastSpatialVerifier(threshold, min_inliers, max_per_word, threads)
+        except ImportError as exc:
+            raise ConfigError("verify.backend 'bowretrieval' needs bowretrieval.ransac, missing from this "
+                              f"installation ({exc}); use verify.backend: opencv") from exc
+    raise ConfigError(f"verify.backend must be 'opencv' or 'bowretrieval', got {backend!r}")
