@@ -36,6 +36,7 @@ class SfmVerifyConfig:
     threshold: float = _f(10.0, "homography reprojection threshold, pixels per 1024 px of image side")
     min_inliers: int = _f(30, "inliers for a retrieval result to count as verified")
     max_per_word: int = _f(4, "skip visual words more frequent than this in an image")
+    weak_inliers: int = _f(20, "clusters linked by pairs with this many inliers are matched together")
 
 
 @dataclass

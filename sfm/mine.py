@@ -390,7 +390,9 @@ class Miner:
         for a, row in zip(idx, ranked):
             row = [int(b) for b in row if inside[b] and b != a][:cc.dense_neighbours]
             pairs |= {(min(a, b), max(a, b)) for b in row}
-        pairs |= {k for k, v in self.verified.items() if v >= self.cfg.verify.min_inliers and inside[k[0]] and inside[k[1]]}
+        vc = self.cfg.verify
+        pairs |= {k for k, v in self.verified.items()
+                  if v >= min(vc.weak_inliers, vc.min_inliers) and inside[k[0]] and inside[k[1]]}
         return pairs
 
     def _match(self, pairs, name) -> dict:
@@ -411,7 +413,13 @@ class Miner:
     def stage_match(self, i):
         f = self.path("colmap", "matches.json")
         os.makedirs(self.path("colmap"), exist_ok=True)
-        big = [c for c in self.clusters if len(c) >= self.cfg.min_model_size]
+        # clusters joined by weaker verified links (below verify.min_inliers, at least
+        # verify.weak_inliers) are densified together: COLMAP's epipolar verification decides
+        vc = self.cfg.verify
+        weak = [k for k, v in self.verified.items() if v >= min(vc.weak_inliers, vc.min_inliers)]
+        groups = [c for c in connected_components(len(self.names), weak) if len(c) >= self.cfg.min_model_size]
+        big = [[self.names[k] for k in sorted(c)] for c in groups]
+        self.groups = [len(c) for c in big]
         if os.path.exists(f):
             data = _read_json(f)
             self._stage(i, "match", f"{data['pairs_matched']} pairs (resumed)")
@@ -419,8 +427,8 @@ class Miner:
             pairs = set()
             for c in big:
                 pairs |= self._dense_pairs(c)
-            self._stage(i, "match", f"{len(pairs)} pairs inside {len(big)} clusters of >= {self.cfg.min_model_size} "
-                                    f"images (COLMAP matcher + epipolar verification)")
+            self._stage(i, "match", f"{len(pairs)} pairs inside {len(big)} groups of >= {self.cfg.min_model_size} "
+                                    f"images {self.groups} (COLMAP matcher + epipolar verification)")
             data = dict(pairs_matched=len(pairs), verified=[])
             if pairs:
                 with FeatureStore(self.store_path) as st:
@@ -561,6 +569,7 @@ class Miner:
                  len(self.names) + len(self.failed) + len(self.few_features) + len(self.duplicates),
                  n_usable=len(self.names), failed=self.failed, duplicates=self.duplicates,
                  few_features=self.few_features, mining=self.mining_stats, clusters=[len(c) for c in self.clusters],
+                 groups=getattr(self, "groups", []),
                  pairs_matched=self.pairs_matched, scene_graph_edges=len(self.scene_graph),
                  components=[len(c) for c in self.components], failed_components=self.failures,
                  dropped_models=self.dropped, models=models, message=msg,
