@@ -54,7 +54,7 @@ class HessianAffine:
     mode: 'compat' | 'fast'. orientation: 'upright' | 'dominant' (up to 4 per region).
     regions: relative measurement-region sizes (x 3 sqrt 3 x scale), e.g. MULTI_REGIONS.
     descriptor / beta: the variant ``transform`` produces for consumers (stores keep raw SIFT).
-    threads: OpenMP threads of the kernels (and OpenCV while building the pyramid).
+    threads: OpenMP threads of the kernels (the pyramid is built on one thread).
     """
 
     def __init__(self, threshold: float = 16.0 / 3.0, edge_ratio: float = 10.0, max_features: int = 0,
@@ -152,7 +152,7 @@ class HessianAffine:
         threads = self.params["threads"]
         kp_params = self._kernel_params()
         prev = cv2.getNumThreads()
-        cv2.setNumThreads(threads)
+        cv2.setNumThreads(1)  # blurs of one image are too small to gain from OpenCV's thread pool
         try:
             pyramid, kps = self._detect(img, kp_params, threads)
         finally:
@@ -177,7 +177,8 @@ class HessianAffine:
         the input, then levels 0..2 of every octave) and the detected keypoints."""
         h = _ext()
         step = 2.0 ** (1.0 / LEVELS)
-        blur = lambda a, s: cv2.GaussianBlur(a, (0, 0), s, borderType=cv2.BORDER_REPLICATE)  # noqa: E731
+        def blur(a, s):
+            return cv2.GaussianBlur(a, (0, 0), s, borderType=cv2.BORDER_REPLICATE)
         pyramid = [(img, 1.0, INPUT_SIGMA)]
         first = blur(img, math.sqrt(INITIAL_SIGMA ** 2 - INPUT_SIGMA ** 2))
         pd, octave, found = 1.0, 0, []

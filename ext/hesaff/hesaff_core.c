@@ -4,10 +4,15 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <stddef.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+#define HS_MAX_PATCH 129
+/* largest compat sampling window side: patches bigger than this are sampled from a pyramid level */
+#define HS_MAX_SIDE 4096
 
 #ifndef M_PI
 #define M_PI 3.14159265358979323846
@@ -60,18 +65,17 @@ static void hessian_response(const float *in, int w, int h, float sigma, float *
     }
 }
 
-static int is_extremum(const float *lo, const float *cu, const float *hi, int w, int r, int c, float v, int maxima)
+/* v is >= (maxima) or <= (minima) every value of its 3x3x3 neighbourhood; its own level first,
+ * where most candidates fail. */
+static inline int is_extremum(const float *lo, const float *cu, const float *hi, int w, size_t i, float v, int maxima)
 {
-    const float *planes[3] = {lo, cu, hi};
-    for (int k = 0; k < 3; k++) {
-        const float *p = planes[k] + (size_t)(r - 1) * w + c - 1;
-        for (int dr = 0; dr < 3; dr++, p += w) {
-            if (maxima) {
-                if (p[0] > v || p[1] > v || p[2] > v) return 0;
-            } else {
-                if (p[0] < v || p[1] < v || p[2] < v) return 0;
-            }
-        }
+    const ptrdiff_t o[9] = {-w - 1, -w, -w + 1, -1, 0, 1, w - 1, w, w + 1};
+    if (maxima) {
+        for (int k = 0; k < 9; k++) if (cu[i + o[k]] > v) return 0;
+        for (int k = 0; k < 9; k++) if (lo[i + o[k]] > v || hi[i + o[k]] > v) return 0;
+    } else {
+        for (int k = 0; k < 9; k++) if (cu[i + o[k]] < v) return 0;
+        for (int k = 0; k < 9; k++) if (lo[i + o[k]] < v || hi[i + o[k]] < v) return 0;
     }
     return 1;
 }
@@ -166,6 +170,8 @@ int hs_detect_octave(const float *const *L, int w, int h, float pd, int octave, 
         return -1;
     }
     const float step = powf(2.0f, 1.0f / HS_LEVELS_PER_OCTAVE);
+    /* small octaves run on one thread: a parallel region would cost more than the work */
+    if (npix < 200000) threads = 1;
     for (int k = 0; k < 5; k++)
         hessian_response(L[k], w, h, p->initial_sigma * powf(step, (float)k), R + k * npix, threads);
     const float final_thr = p->threshold * p->threshold;
@@ -184,8 +190,8 @@ int hs_detect_octave(const float *const *L, int w, int h, float pd, int octave, 
             const float *row = cu + (size_t)r * w;
             for (int c = B; c < w - B; c++) {
                 const float v = row[c];
-                if (v > cand_thr) cr[c] = (unsigned char)is_extremum(lo, cu, hi, w, r, c, v, 1);
-                else if (v < -cand_thr) cr[c] = (unsigned char)is_extremum(lo, cu, hi, w, r, c, v, 0);
+                if (v > cand_thr) cr[c] = (unsigned char)is_extremum(lo, cu, hi, w, (size_t)r * w + c, v, 1);
+                else if (v < -cand_thr) cr[c] = (unsigned char)is_extremum(lo, cu, hi, w, (size_t)r * w + c, v, 0);
             }
         }
         const float sigma = p->initial_sigma * powf(step, (float)k);
@@ -296,29 +302,31 @@ static void blur_square(float *img, int side, float sigma, float *tmp)
         sum += k[i + rad];
     }
     for (int i = 0; i < 2 * rad + 1; i++) k[i] /= sum;
+    /* rows: pad each row by replication, then a clean dot product per pixel */
+    float pad[HS_MAX_SIDE + 2 * 63];
     for (int r = 0; r < side; r++) {
         const float *src = img + (size_t)r * side;
         float *dst = tmp + (size_t)r * side;
+        for (int c = 0; c < rad; c++) pad[c] = src[0];
+        memcpy(pad + rad, src, sizeof(float) * side);
+        for (int c = 0; c < rad; c++) pad[rad + side + c] = src[side - 1];
         for (int c = 0; c < side; c++) {
+            const float *p = pad + c;
             float a = 0.0f;
-            for (int t = -rad; t <= rad; t++) {
-                int cc = c + t;
-                cc = cc < 0 ? 0 : (cc >= side ? side - 1 : cc);
-                a += k[t + rad] * src[cc];
-            }
+            for (int t = 0; t < 2 * rad + 1; t++) a += k[t] * p[t];
             dst[c] = a;
         }
     }
+    /* columns: accumulate whole rows so the inner loop runs along memory */
     for (int r = 0; r < side; r++) {
         float *dst = img + (size_t)r * side;
-        for (int c = 0; c < side; c++) {
-            float a = 0.0f;
-            for (int t = -rad; t <= rad; t++) {
-                int rr = r + t;
-                rr = rr < 0 ? 0 : (rr >= side ? side - 1 : rr);
-                a += k[t + rad] * tmp[(size_t)rr * side + c];
-            }
-            dst[c] = a;
+        memset(dst, 0, sizeof(float) * side);
+        for (int t = -rad; t <= rad; t++) {
+            int rr = r + t;
+            rr = rr < 0 ? 0 : (rr >= side ? side - 1 : rr);
+            const float *src = tmp + (size_t)rr * side;
+            const float kt = k[t + rad];
+            for (int c = 0; c < side; c++) dst[c] += kt * src[c];
         }
     }
 }
@@ -562,7 +570,6 @@ static inline void grad_at(const float *p, int P, int r, int c, float *gx, float
     *gy = r == 0 ? p[P + c] - p[c] : (r == P - 1 ? row[c] - row[c - P] : row[c + P] - row[c - P]);
 }
 
-#define HS_MAX_PATCH 129
 
 /* Gradient magnitude (times the descriptor mask) and orientation in units of 1/8 turn, [0, 8),
  * for every pixel; branch-free in the interior so the compiler vectorises it. */
@@ -706,7 +713,9 @@ static int orientations(const sift_tables *t, const float *patch, float peak, in
 static int patch_sample(const hs_image *pyr, int n_pyr, const hs_params *p, float x, float y, float radius,
                         const float U[4], float *patch, scratch *ws)
 {
-    if (p->mode == 0) return patch_compat(pyr, x, y, radius, U, p->patch_size, patch, ws);
+    /* windows wider than HS_MAX_SIDE (regions of thousands of pixels) come from the pyramid */
+    if (p->mode == 0 && 2.0f * ceilf(radius) + 3.0f <= (float)HS_MAX_SIDE)
+        return patch_compat(pyr, x, y, radius, U, p->patch_size, patch, ws);
     patch_fast(pyr, n_pyr, x, y, radius, U, p->patch_size, patch);
     return 0;
 }
