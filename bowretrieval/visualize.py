@@ -128,7 +128,8 @@ def pr_curve_image(curves: dict, size=(520, 400), title: str = "precision-recall
         cv2.putText(img, f"{t:.1f}", (8, pt(0, t)[1] + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1)
     cv2.rectangle(img, pt(0, 1), pt(1, 0), (0, 0, 0), 1)
     cv2.putText(img, "recall", (left + pw // 2 - 20, h - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
-    cv2.putText(img, title, (left, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(img, "precision", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1)
+    cv2.putText(img, title, (left + 40, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     palette = [(60, 180, 60), (200, 120, 30), (40, 40, 220), (160, 60, 160), (0, 160, 200), (90, 90, 90)]
     for k, (name, (r, p)) in enumerate(curves.items()):
         col = palette[k % len(palette)]
