@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .bow import BowIndex
 from .config import ExperimentConfig, ExtractConfig, SearchConfig, VocabConfig, save_config, to_dict
-from .errors import DataError, FeatureStoreError
+from .errors import BowRetrievalError, DataError, FeatureStoreError
 from .extract import ExtractJob, extract_to_store, jobs_from_paths
 from .featurestore import FeatureStore
 from .imageio import list_images
@@ -228,9 +228,12 @@ def run_experiment(dataset_root, train_images, workdir, cfg: ExperimentConfig | 
         timings["vocab_s"] = time.time() - t0
 
     t0 = time.time()
-    index = index_stage(db_store, ds.imlist, voc, cfg.search, cfg.vocab, os.path.join(workdir, f"index-{vkey}" if cfg.search.method == "bow" else f"index-{cfg.search.method}-{vkey}"), progress,
-                        extract_cfg=cfg.extract, image_root=os.path.join(ds.root, "jpg"))
-    timings["index_s"] = time.time() - t0
+    idir = os.path.join(workdir, f"index-{vkey}" if cfg.search.method == "bow" else f"index-{cfg.search.method}-{vkey}")
+    index = _reusable_index(idir, ds.imlist, cfg)
+    if index is None:
+        index = index_stage(db_store, ds.imlist, voc, cfg.search, cfg.vocab, idir, progress,
+                            extract_cfg=cfg.extract, image_root=os.path.join(ds.root, "jpg"))
+        timings["index_s"] = time.time() - t0
     with FeatureStore(q_store) as st:
         qnames = [j.name for j in query_jobs(ds)]
         qdesc = read_descriptors(st, qnames, cfg.vocab.descriptor, cfg.vocab.beta)
@@ -257,6 +260,18 @@ def run_experiment(dataset_root, train_images, workdir, cfg: ExperimentConfig | 
     res["ranks"] = ranks
     log(format_table([(f"{cfg.extract.extractor} {res['method']} ({ds.name})", res)]))
     return res
+
+
+def _reusable_index(idir, names, cfg: ExperimentConfig):
+    """The index directory an earlier run wrote for the same images and settings, or None."""
+    try:
+        with open(os.path.join(idir, "names.json")) as fh:
+            meta = json.load(fh)
+        same = (meta.get("names") == list(names) and meta.get("search") == to_dict(cfg.search)
+                and meta.get("vocab") == to_dict(cfg.vocab) and meta.get("extract") == to_dict(cfg.extract))
+        return load_index_dir(idir, threads=cfg.search.threads)[0] if same else None
+    except (OSError, ValueError, KeyError, BowRetrievalError):
+        return None  # absent, older or damaged: build it again
 
 
 def _log_failures(rep, log):

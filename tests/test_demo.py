@@ -19,6 +19,13 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert pic is not None and pic.shape[1] > 6 * 160
     assert cv2.imread(str(tmp_path / "d" / "demo_pr.png")) is not None
     assert (tmp_path / "d" / "work" / "results-synthetic.config.yaml").exists()
+    assert "index_s" in res["timings"] and "vocab_s" in res["timings"]
+
+    # a second run reuses the data, features, vocabulary and index, and gives the same numbers
+    assert main(["demo", "--out", str(tmp_path / "d"), "--quick", "--workers", "1", "--quiet"]) == 0
+    again = json.loads((tmp_path / "d" / "work" / "results-synthetic.json").read_text())
+    assert "index_s" not in again["timings"] and "vocab_s" not in again["timings"]
+    assert again["per_query"] == res["per_query"]
 
 
 def test_precision_recall_skips_junk():
