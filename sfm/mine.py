@@ -32,6 +32,7 @@ from bowretrieval.bow import BowIndex
 from bowretrieval.config import save_config, to_dict
 from bowretrieval.errors import ConfigError, DataError
 from bowretrieval.extract import extract_to_store, jobs_from_paths
+from bowretrieval.features import get_extractor
 from bowretrieval.featurestore import FeatureStore
 from bowretrieval.imageio import list_images
 from bowretrieval.vocabulary import Vocabulary
@@ -176,7 +177,8 @@ class Miner:
                 unique.append(job)
         fc = self.cfg.features
         params = dict(fc.params)
-        if fc.extractor == "sift" and fc.max_features and "max_features" not in params:
+        if fc.max_features and "max_features" not in params and \
+                "max_features" in get_extractor(fc.extractor, **params).params:
             params["max_features"] = fc.max_features
         self.store_path = fc.store or self.path("features.h5")
         self._stage(i, "features", f"{len(jobs)} photos, {len(self.duplicates)} duplicates, "

@@ -166,3 +166,34 @@ def test_cli_exports_tuples_from_the_real_model(herzjesu_run, tmp_path):
     assert len(t["train"]["qidxs"]) == 4 and t["val"]["qidxs"] == []
     with open(tmp_path / "t" / "trainer.pkl", "rb") as fh:
         assert len(pickle.load(fh)["train"]["cids"]) == 7
+
+
+def _save_model(path, names, seed):
+    rng = np.random.default_rng(seed)
+    n = len(names)
+    os.makedirs(path)
+    np.savez(os.path.join(path, "model.npz"), names=np.array(names), C=rng.normal(size=(n, 3)),
+             R=np.tile(np.eye(3), (n, 1, 1)), focal=np.full(n, 500.0), points=rng.normal(size=(50, 3)),
+             obs_indptr=np.zeros(n + 1, np.int64), obs_point=np.zeros(0, np.int64), obs_depth=np.zeros(0))
+    return str(path)
+
+
+def test_a_model_mostly_inside_a_larger_one_is_dropped(tmp_path):
+    big = _save_model(tmp_path / "big", [f"{k}.jpg" for k in range(6)], 0)
+    small = _save_model(tmp_path / "small", ["3.jpg", "4.jpg", "5.jpg", "9.jpg"], 1)
+    other = _save_model(tmp_path / "other", ["7.jpg", "8.jpg", "9.jpg"], 2)
+    miner = Miner(tmp_path, tmp_path / "work", _small_cfg(), log=lambda *_: None, progress=False)
+    miner.models = [dict(path=p, registered=r, points=50, reprojection_error=0.5)
+                    for p, r in ((small, 4), (big, 6), (other, 3))]
+    miner.stage_finish(7)
+    assert [m["path"] for m in miner.final_models] == [big, other]
+    assert [d["path"] for d in miner.dropped] == [small] and miner.dropped[0]["overlap"] == 0.75
+    assert all(os.path.isfile(m["picture"]) for m in miner.final_models)
+
+
+def test_running_again_resumes_without_new_work(herzjesu_run):
+    miner, s, _ = herzjesu_run
+    again = Miner(miner.photos, miner.work, miner.cfg, log=lambda *_: None, progress=False)
+    s2 = again.run()
+    assert again.n_verifications == 0
+    assert [m["images"] for m in s2["models"]] == [m["images"] for m in s["models"]]
