@@ -39,6 +39,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_match_test(args) -> int:
+    from .sfm.exclude import matching_images
+
+    matching_images(args.workdir, args.test_photos, args.out, args.top_k, progress=not args.quiet)
+    return 0
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("sfm", help="retrieval-SfM: mine 3-D models, export training tuples",
                               description="Mine 3-D models from unordered photos (retrieval + verification + "
@@ -56,6 +63,15 @@ def register(subparsers) -> None:
     m.add_argument("--threads", type=int, default=None, help="COLMAP, index and extraction threads")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     m.set_defaults(func=cmd_mine)
+    x = sub.add_parser("match-test", help="list collection photos that match a test set (for --exclude)",
+                       description="Query the mined collection with every test photo (same features, vocabulary "
+                                   "and spatial verification) and write the verified collection photos, one per line.")
+    x.add_argument("workdir", help="work folder of `bowr sfm mine`")
+    x.add_argument("test_photos", help="folder (or .txt list) of the test set's photos")
+    x.add_argument("--out", required=True, help="exclusion list to write")
+    x.add_argument("--top-k", type=int, default=50, help="retrieval results verified per test photo")
+    x.add_argument("--quiet", action="store_true", help="no progress bars")
+    x.set_defaults(func=cmd_match_test)
     e = sub.add_parser("export-tuples", help="training tuples from mined models (docs/tuples_format.md)",
                        description="Write DIR/tuples.json (bowretrieval.tuples/1) and DIR/trainer.pkl "
                                    "(cnnimageretrieval-pytorch layout) from the models of a mining run.")

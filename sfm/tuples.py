@@ -214,6 +214,9 @@ def export_tuples(workdir, out_dir, exclude_file=None, params: TupleParams | Non
     models = [Model.load(m["path"]) for m in s["models"]]
     exclude = _read_exclusions(exclude_file) if exclude_file else None
     t = build_tuples(models, s["image_root"], params, exclude)
+    if not t["images"]:
+        raise DataError(f"{exclude_file}: every model of {workdir} holds an excluded image; nothing is left "
+                        "for training (use --exclude-mode images to drop only the listed photos)")
     paths = write_tuples(t, out_dir)
     log(f"{len(t['images'])} images in {len(models) - len(t['params']['excluded_models'])} models; "
         f"train {len(t['train']['qidxs'])} queries, val {len(t['val']['qidxs'])} queries; "

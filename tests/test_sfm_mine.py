@@ -197,3 +197,27 @@ def test_running_again_resumes_without_new_work(herzjesu_run):
     s2 = again.run()
     assert again.n_verifications == 0
     assert [m["images"] for m in s2["models"]] == [m["images"] for m in s["models"]]
+
+
+def test_test_set_matches_become_an_exclusion_list(herzjesu_run, tmp_path):
+    from bowretrieval.cli import main
+
+    miner, s, scene = herzjesu_run
+    test = tmp_path / "test"
+    test.mkdir()
+    for name in sorted(os.listdir(scene / "images"))[11:13]:  # neighbours of the mined views
+        os.symlink(scene / "images" / name, test / name)
+    data = scene.parent.parent / "landmarks-dev" / "jpg"
+    os.symlink(data / sorted(n for n in os.listdir(data) if n.startswith("distractor__"))[5], test / "d.jpg")
+    lst = tmp_path / "exclude.txt"
+    assert main(["sfm", "match-test", miner.work, str(test), "--out", str(lst), "--quiet"]) == 0
+    names = [ln.strip() for ln in open(lst) if not ln.startswith("#")]
+    assert names and set(names) <= set(s["models"][0]["images"])
+    assert main(["sfm", "export-tuples", miner.work, "--out", str(tmp_path / "t"), "--exclude", str(lst)]) == 1
+    one = tmp_path / "one.txt"  # images mode drops only the listed photo
+    one.write_text(names[0] + "\n")
+    assert main(["sfm", "export-tuples", miner.work, "--out", str(tmp_path / "t"), "--exclude", str(one),
+                 "--exclude-mode", "images"]) == 0
+    with open(tmp_path / "t" / "tuples.json") as fh:
+        kept = json.load(fh)["images"]
+    assert len(kept) == 6 and names[0] not in kept
