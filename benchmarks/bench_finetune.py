@@ -97,6 +97,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--negatives", type=int, default=3)
     ap.add_argument("--qe-k", type=int, default=2)
+    ap.add_argument("--lw-shrinkage", type=float, default=0.1, help="Lw covariance shrinkage (few pairs, many dims)")
+    ap.add_argument("--lw-dim", type=int, default=0, help="Lw output dimensions (0: all)")
+    ap.add_argument("--pcaw-dim", type=int, default=128, help="PCA-whitening output dimensions")
     ap.add_argument("--multiscale", action="store_true", help="also evaluate trained + Lw multi-scale")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1)
@@ -149,10 +152,9 @@ def main(argv=None) -> int:
         load_backbone_weights(init, args.weights)
     init.to(device).eval()
 
-    t0 = time.time()
     tr = Trainer(cfg, tuples, os.path.join(work, "run"), resume=True)
     tr.fit()
-    train_s = time.time() - t0
+    train_s = sum(h["seconds"] for h in tr.history)  # from the checkpoint's history when resumed
     net = tr.net.eval()
 
     crop = RevisitedDataset(lm, "gnd_landmarks-dev-crop.json")
@@ -179,23 +181,31 @@ def main(argv=None) -> int:
                 rows[proto].append((label, r))
                 figures.setdefault(proto, {})[label] = [round(r[p]["mAP"], 2) for p in ("easy", "medium", "hard")]
 
-    X, Qc, Qf, ips0 = vectors(init)
-    add("initial", X, Qc, Qf)
-    Xw, qp, pp = training_descriptors(init, tuples, device, args.test_size, (1.0,))
-    np.savez(os.path.join(work, "vectors-initial.npz"), X=X, Qc=Qc, Qf=Qf, Xw=Xw, qp=qp, pp=pp)
-    add("initial+Lw", X, Qc, Qf, learn_whitening("lw", Xw, qp, pp, 0, 0.1))
+    def cached(model, name, scales=(1.0,)):
+        """Database/query/whitening-set vectors, cached in the work folder (re-runs only re-score)."""
+        path = os.path.join(work, f"vectors-{name}-{args.test_size}{'-ms' if len(scales) > 1 else ''}.npz")
+        if os.path.exists(path):
+            z = np.load(path)
+            return z["X"], z["Qc"], z["Qf"], z["Xw"], z["qp"], z["pp"], float(z["ips"])
+        X, Qc, Qf, ips = vectors(model, scales)
+        Xw, qp, pp = training_descriptors(model, tuples, device, args.test_size, scales)
+        np.savez(path, X=X, Qc=Qc, Qf=Qf, Xw=Xw, qp=qp, pp=pp, ips=ips)
+        return X, Qc, Qf, Xw, qp, pp, ips
 
-    X, Qc, Qf, ips1 = vectors(net)
+    def lw(Xw, qp, pp):
+        return learn_whitening("lw", Xw, qp, pp, args.lw_dim, args.lw_shrinkage)
+
+    X, Qc, Qf, Xw, qp, pp, _ = cached(init, "initial")
+    add("initial", X, Qc, Qf)
+    add("initial+Lw", X, Qc, Qf, lw(Xw, qp, pp))
+
+    X, Qc, Qf, Xw, qp, pp, ips1 = cached(net, "trained")
     add("trained", X, Qc, Qf)
-    Xw, qp, pp = training_descriptors(net, tuples, device, args.test_size, (1.0,))
-    np.savez(os.path.join(work, "vectors-trained.npz"), X=X, Qc=Qc, Qf=Qf, Xw=Xw, qp=qp, pp=pp)
-    lw = learn_whitening("lw", Xw, qp, pp, 0, 0.1)
-    add("trained+Lw", X, Qc, Qf, lw)
-    add("trained+PCAw", X, Qc, Qf, learn_whitening("pcaw", Xw, qp, pp, min(len(Xw) - 1, X.shape[1])))
+    add("trained+Lw", X, Qc, Qf, lw(Xw, qp, pp))
+    add("trained+PCAw", X, Qc, Qf, learn_whitening("pcaw", Xw, qp, pp, min(args.pcaw_dim, len(Xw) - 1, X.shape[1])))
     if args.multiscale:
-        Xm, Qcm, Qfm, _ = vectors(net, MULTISCALE)
-        Xwm, qp, pp = training_descriptors(net, tuples, device, args.test_size, MULTISCALE)
-        add("trained+Lw multi-scale", Xm, Qcm, Qfm, learn_whitening("lw", Xwm, qp, pp, 0, 0.1))
+        X, Qc, Qf, Xw, qp, pp, _ = cached(net, "trained", MULTISCALE)
+        add("trained+Lw multi-scale", X, Qc, Qf, lw(Xw, qp, pp))
 
     hist = tr.history
     print(f"\n{args.arch} ({'ImageNet ' + os.path.basename(args.weights) if args.weights else 'random init'}), "
@@ -208,7 +218,7 @@ def main(argv=None) -> int:
     print(format_table(rows["crop"]))
     print("\nlandmarks-dev full images (gnd_landmarks-dev.json)")
     print(format_table(rows["full"]))
-    print(f"\ntotal {time.time() - t_all:.0f} s")
+    print(f"\ntotal {time.time() - t_all:.0f} s (training and vectors are cached in {work}: a re-run only re-scores)")
     with open(os.path.join(work, "results.json"), "w") as fh:
         json.dump({"figures_mAP_EMH": figures, "history": hist, "train_s": train_s, "extract_images_per_s": ips1,
                    "args": vars(args), "source": source}, fh, indent=1)
