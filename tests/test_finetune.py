@@ -248,6 +248,15 @@ def test_trainer_pkl_layout_reads_like_the_json_export(small, tmp_path):
     assert list(ts.cluster[t.qidxs]) == list(js.cluster[s.qidxs])
 
 
+def test_mixed_precision_path_trains_on_cpu(small, tmp_path):
+    cfg = tiny_cfg(epochs=1)
+    cfg.train.amp = "on"  # bfloat16 autocast on CPU, float16 + loss scaling on CUDA: the same code
+    tr = Trainer(cfg, load_tuples(small["tuples"]), tmp_path, progress=False, log=lambda s: None)
+    hist = tr.fit()
+    assert np.isfinite(hist[0]["loss"]) and hist[0]["loss"] > 0
+    assert (tmp_path / "checkpoint.pt").exists()
+
+
 def test_cuda_request_without_cuda_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
@@ -311,11 +320,17 @@ def test_cli_trains_and_evaluates_with_whitening_and_qe(tmp_path, capsys):
     out = str(tmp_path / "res.json")
     assert run("eval", "--checkpoint", os.path.join(work, "checkpoint.pt"), "--dataset", data, "--gnd", "gnd_toy.json",
                "--tuples", data, "--whitening", "none,lw,pcaw", "--qe-k", "1", "--image-size", "48",
-               "--out", out, "--threads", "1") == 0
+               "--out", out, "--threads", "1", "--save-whitening", work) == 0
     res = json.load(open(out))["results"]
     assert set(res) == {"net", "net +aQE1", "net+Lw", "net+Lw +aQE1", "net+PCAw", "net+PCAw +aQE1"}
     assert all(0 <= r["medium"]["mAP"] <= 100 for r in res.values())
     assert "net+Lw +aQE1" in capsys.readouterr().out
+    vecs = str(tmp_path / "v.npz")
+    assert run("extract", "--checkpoint", os.path.join(work, "checkpoint.pt"), "--images", os.path.join(data, "jpg"),
+               "--out", vecs, "--whitening", os.path.join(work, "whiten-lw.npz"), "--image-size", "48") == 0
+    z = np.load(vecs)
+    assert z["descriptors"].shape == (len(os.listdir(os.path.join(data, "jpg"))), 64)
+    assert np.allclose(np.linalg.norm(z["descriptors"], axis=1), 1.0, atol=1e-5)
 
 
 def test_synthetic_scenes_give_geometric_tuples(tmp_path):
