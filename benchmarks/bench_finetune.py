@@ -99,7 +99,10 @@ def main(argv=None) -> int:
     ap.add_argument("--qe-k", type=int, default=2)
     ap.add_argument("--lw-shrinkage", type=float, default=0.1, help="Lw covariance shrinkage (few pairs, many dims)")
     ap.add_argument("--lw-dim", type=int, default=0, help="Lw output dimensions (0: all)")
-    ap.add_argument("--pcaw-dim", type=int, default=128, help="PCA-whitening output dimensions")
+    ap.add_argument("--pcaw-dim", type=int, default=0,
+                    help="PCA-whitening output dimensions (0: as many as the learning set supports, n - 1)")
+    ap.add_argument("--pcaw-set", choices=("train-photos", "tuples"), default="train-photos",
+                    help="images PCA-whitening is learned on")
     ap.add_argument("--multiscale", action="store_true", help="also evaluate trained + Lw multi-scale")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1)
@@ -192,17 +195,33 @@ def main(argv=None) -> int:
         np.savez(path, X=X, Qc=Qc, Qf=Qf, Xw=Xw, qp=qp, pp=pp, ips=ips)
         return X, Qc, Qf, Xw, qp, pp, ips
 
+    def pcaw_set(model, name):
+        """PCA-whitening is learned on train-photos (real photos unrelated to landmarks-dev), or on the
+        training tuples' images with --pcaw-set tuples."""
+        path = os.path.join(work, f"vectors-{name}-{args.test_size}-train-photos.npz")
+        if not os.path.exists(path):
+            from bowretrieval.imageio import list_images
+
+            P = extract_vectors(model, list_images(data / "train-photos"), device, args.test_size, desc="train-photos")
+            np.savez(path, P=P)
+        return np.load(path)["P"]
+
+    def pcaw(model, name, Xw):
+        P = Xw if args.pcaw_set == "tuples" else pcaw_set(model, name)
+        return learn_whitening("pcaw", P, None, None, min(args.pcaw_dim or len(P) - 1, len(P) - 1, P.shape[1]))
+
     def lw(Xw, qp, pp):
         return learn_whitening("lw", Xw, qp, pp, args.lw_dim, args.lw_shrinkage)
 
     X, Qc, Qf, Xw, qp, pp, _ = cached(init, "initial")
     add("initial", X, Qc, Qf)
     add("initial+Lw", X, Qc, Qf, lw(Xw, qp, pp))
+    add("initial+PCAw", X, Qc, Qf, pcaw(init, "initial", Xw))
 
     X, Qc, Qf, Xw, qp, pp, ips1 = cached(net, "trained")
     add("trained", X, Qc, Qf)
     add("trained+Lw", X, Qc, Qf, lw(Xw, qp, pp))
-    add("trained+PCAw", X, Qc, Qf, learn_whitening("pcaw", Xw, qp, pp, min(args.pcaw_dim, len(Xw) - 1, X.shape[1])))
+    add("trained+PCAw", X, Qc, Qf, pcaw(net, "trained", Xw))
     if args.multiscale:
         X, Qc, Qf, Xw, qp, pp, _ = cached(net, "trained", MULTISCALE)
         add("trained+Lw multi-scale", X, Qc, Qf, lw(Xw, qp, pp))
