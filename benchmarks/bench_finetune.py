@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         return 0
     rng = np.random.default_rng(0)
     t_all = time.time()
-    tag = ("gen" if args.generated_only else "scenes+gen") + f"-{args.arch}"
+    tag = ("gen" if args.generated_only else "sfm+gen" if args.tuples else "scenes+gen") + f"-{args.arch}"
     work = os.path.join(args.workdir, tag)
     parts = [synthetic_tuples(os.path.join(args.workdir, "synth-40x6"))]
     source = "generated (bowretrieval.synthetic, 40 landmarks x 6 views)"

@@ -93,7 +93,7 @@ def cmd_extract(args) -> int:
 
     from .finetune.retrieval import extract_vectors
     from .finetune.train import select_device
-    from .finetune.whiten import whitening_from_state
+    from .finetune.whiten import load_whitening
     from .imageio import list_images
 
     cfg = _load_cfg(args)
@@ -104,7 +104,7 @@ def cmd_extract(args) -> int:
     X = extract_vectors(net, paths, device, args.image_size or cfg.extract.image_size, _scales(args, cfg),
                         cfg.train.amp, failed=failed)
     if args.whitening:
-        X = whitening_from_state(dict(np.load(args.whitening))).transform(X)
+        X = load_whitening(args.whitening).transform(X)
     ok = np.array([p not in failed for p in paths])
     tmp = args.out + ".tmp.npz"
     np.savez(tmp, descriptors=X[ok], names=np.array([os.path.basename(p) for p, k in zip(paths, ok) if k]))
@@ -122,6 +122,7 @@ def cmd_eval(args) -> int:
     from .finetune.retrieval import dataset_vectors, evaluate_vectors, learn_whitening, training_descriptors
     from .finetune.train import select_device
     from .finetune.tuples import load_tuples
+    from .finetune.whiten import save_whitening
     from .revisited import RevisitedDataset, format_table
 
     cfg = _load_cfg(args)
@@ -144,7 +145,7 @@ def cmd_eval(args) -> int:
                 whiteners[m] = learn_whitening(m, Xw, qpos, ppos, cfg.post.dim, cfg.post.shrinkage)
                 if args.save_whitening:
                     os.makedirs(args.save_whitening, exist_ok=True)
-                    np.savez(os.path.join(args.save_whitening, f"whiten-{m}.npz"), **whiteners[m].state_dict())
+                    save_whitening(os.path.join(args.save_whitening, f"whiten-{m}.npz"), whiteners[m])
     ds = RevisitedDataset(args.dataset, args.gnd)
     X, Q, info = dataset_vectors(net, ds, device, size, scales, cfg.train.amp)
     qe_k = cfg.post.qe_k if args.qe_k is None else args.qe_k

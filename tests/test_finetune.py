@@ -142,12 +142,24 @@ def test_learned_whitening_equals_its_closed_form():
     assert np.allclose(ours, Y * signs, atol=1e-5)
 
 
-def test_pca_whitening_gives_identity_covariance():
+def test_pca_whitening_uses_the_package_estimator_with_all_supported_components():
+    from bowretrieval.finetune.retrieval import learn_whitening
+
     rng = np.random.default_rng(1)
-    X = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 6))
-    pw = PCAWhitening().fit(X)
-    Y = (X - pw.mean_) @ pw.projection_.T
-    assert np.allclose(np.cov(Y.T, bias=True), np.eye(6), atol=1e-6)
+    X = rng.normal(size=(20, 30))
+    pw = learn_whitening("pcaw", X, None, None)
+    assert isinstance(pw, PCAWhitening) and pw.components_.shape == (19, 30)
+    assert np.allclose(np.cov(pw.project(X).T), np.eye(19), atol=1e-4)
+
+
+def test_whitening_files_round_trip(tmp_path):
+    from bowretrieval.finetune.whiten import load_whitening, save_whitening
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(50, 8))
+    for est in (LearnedWhitening(4).fit(X, np.arange(25), np.arange(25, 50)), PCAWhitening(5).fit(X)):
+        save_whitening(tmp_path / "w.npz", est)
+        assert np.allclose(load_whitening(tmp_path / "w.npz").transform(X), est.transform(X), atol=1e-6)
 
 
 def test_alpha_qe_adds_weighted_top_k():

@@ -67,11 +67,12 @@ def training_descriptors(net, tuples: TupleSet, device, image_size, scales, amp=
 
 
 def learn_whitening(method, X, qpos, ppos, dim=0, shrinkage=0.1):
-    """Lw from the training pairs or PCA-whitening on the training images' descriptors."""
+    """Lw from the training pairs, or PCA-whitening of X (dim 0: as many components as X supports)."""
     if method == "lw":
         return LearnedWhitening(dim, shrinkage).fit(X, qpos, ppos)
     if method == "pcaw":
-        return PCAWhitening(dim).fit(X)
+        n_comp = dim or min(len(X) - 1, X.shape[1])
+        return PCAWhitening(n_comp).fit(X)
     raise DataError(f"unknown whitening {method!r}; use lw or pcaw")
 
 

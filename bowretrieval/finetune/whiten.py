@@ -1,5 +1,5 @@
-"""Post-processing of global descriptors (numpy, no torch): learned whitening (Lw), PCA-whitening,
-alpha-query-expansion. Descriptors are rows: X (N, D), L2-normalised.
+"""Post-processing of global descriptors (numpy, no torch): learned whitening (Lw), PCA-whitening (the
+package's ``bowretrieval.whitening.PCAWhitening``), alpha-query-expansion. Descriptors are rows: X (N, D).
 
 Lw (Radenovic, Tolias & Chum, TPAMI 2018, Sec. 4.1; cirtorch ``whitenlearn``): from matching pairs
 (q_i, p_i), m = mean of the query vectors, Cs = mean (x_q - x_p)(x_q - x_p)^T, W = chol(Cs)^-1,
@@ -7,9 +7,13 @@ eigen-decompose W (X - m)(X - m)^T W^T = V S V^T (descending), P = V^T W, y = L2
 """
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 
 from ..errors import DataError, NotFittedError
+from ..whitening import PCAWhitening
 
 
 def _l2(x):
@@ -68,47 +72,39 @@ class LearnedWhitening:
         return _l2((X - self.mean_) @ self.projection_[:d].T).astype(np.float32)
 
     def state_dict(self) -> dict:
-        return {"kind": "lw", "dim": self.dim, "shrinkage": self.shrinkage, "mean_": self.mean_,
+        return {"dim": self.dim, "shrinkage": self.shrinkage, "mean_": self.mean_,
                 "projection_": self.projection_, "eigenvalues_": self.eigenvalues_}
 
 
-class PCAWhitening:
-    """PCA-whitening learned on a set of descriptors: y = L2(diag(s + eps)^-1/2 V^T (x - m))[:d]."""
-
-    def __init__(self, dim: int = 0, eps: float = 1e-9):
-        self.dim = dim
-        self.eps = eps
-
-    def fit(self, X):
-        X = _check(X)
-        m = X.mean(axis=0)
-        Xc = X - m
-        evals, evecs = np.linalg.eigh(Xc.T @ Xc / len(X))
-        order = np.argsort(evals)[::-1]
-        evals, evecs = np.clip(evals[order], 0, None), evecs[:, order]
-        self.mean_ = m
-        self.projection_ = (evecs / np.sqrt(evals + self.eps * max(evals[0], 1e-30))).T
-        self.eigenvalues_ = evals
-        return self
-
-    def transform(self, X):
-        if not hasattr(self, "projection_"):
-            raise NotFittedError("PCAWhitening.transform called before fit")
-        X = _check(X)
-        d = self.dim or min(self.projection_.shape[0], len(self.eigenvalues_))
-        return _l2((X - self.mean_) @ self.projection_[:d].T).astype(np.float32)
-
-    def state_dict(self) -> dict:
-        return {"kind": "pcaw", "dim": self.dim, "eps": self.eps, "mean_": self.mean_,
-                "projection_": self.projection_, "eigenvalues_": self.eigenvalues_}
+def save_whitening(path, est):
+    """Write a fitted LearnedWhitening or (shared) PCAWhitening to ``path`` (.npz, no pickle)."""
+    if isinstance(est, LearnedWhitening):
+        st = est.state_dict()
+        arrays = {k: v for k, v in st.items() if isinstance(v, np.ndarray)}
+        meta = {"kind": "lw", "dim": est.dim, "shrinkage": est.shrinkage}
+    else:
+        st = est.state_dict()
+        arrays = {k: v for k, v in st.items() if k != "meta"}
+        meta = {"kind": "pcaw", "meta": st["meta"]}
+    tmp = os.fspath(path) + ".tmp.npz"
+    np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
+    os.replace(tmp, path)
 
 
-def whitening_from_state(state: dict):
-    kind = str(state["kind"])
-    est = LearnedWhitening(int(state["dim"]), float(state["shrinkage"])) if kind == "lw" \
-        else PCAWhitening(int(state["dim"]), float(state["eps"]))
-    est.mean_, est.projection_, est.eigenvalues_ = state["mean_"], state["projection_"], state["eigenvalues_"]
-    return est
+def load_whitening(path):
+    """Read a whitening written by ``save_whitening``."""
+    path = os.fspath(path)
+    try:
+        z = np.load(path, allow_pickle=False)
+        meta = json.loads(str(z["meta"]))
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"{path}: not a whitening file written by bowr finetune eval --save-whitening ({exc})") from exc
+    if meta["kind"] == "lw":
+        est = LearnedWhitening(int(meta["dim"]), float(meta["shrinkage"]))
+        est.mean_, est.projection_, est.eigenvalues_ = z["mean_"], z["projection_"], z["eigenvalues_"]
+        return est
+    return PCAWhitening.from_state({k: z[k] for k in ("mean", "components", "explained_variance")} | {"meta": meta["meta"]},
+                                   path)
 
 
 def rank(Q, X) -> np.ndarray:
