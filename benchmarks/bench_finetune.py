@@ -133,7 +133,8 @@ def main(argv=None) -> int:
         if args.tuples:
             ts0 = load_tuples(args.tuples)
             s = ts0.split("train")
-            parts.append((ts0.paths, list(ts0.cluster), [(int(q), list(map(int, ps))) for q, ps in zip(s.qidxs, s.positives)]))
+            parts.append((ts0.paths, [int(c) for c in ts0.cluster],
+                          [(int(q), [int(p) for p in ps]) for q, ps in zip(s.qidxs, s.positives)]))
             source += f" + retrieval-SfM export {args.tuples}"
         else:
             parts.append(scenes_tuples(str(data / "scenes-dev")))
