@@ -37,6 +37,8 @@ class WordMatcher:
     """Tentative matches of one query (word assignments (Nq, kq)) against database images.
 
     burst_limit: words making more than this many pairs in one image pair are skipped (0: no limit).
+    The query side is prepared once (entries sorted by word, a dense word -> run table), so each
+    database image costs a few vectorised passes over its own entries.
     """
 
     def __init__(self, q_words, burst_limit: int = 64):
@@ -48,43 +50,47 @@ class WordMatcher:
         flat, feat, rank = flat[valid], feat[valid], rank[valid]
         order = np.argsort(flat, kind="stable")
         self._w, self._f, self._r = flat[order], feat[order], rank[order]
-        self._uw, self._ustart, self._ucount = np.unique(self._w, return_index=True, return_counts=True)
+        n = int(self._w.max()) + 1 if self._w.size else 0
+        self._start = np.zeros(n, np.int64)
+        self._count = np.zeros(n, np.int64)
+        if self._w.size:
+            uw, st, cnt = np.unique(self._w, return_index=True, return_counts=True)
+            self._start[uw], self._count[uw] = st, cnt
 
     def match(self, d_words) -> np.ndarray:
         """(M, 2) int64 (query feature, database feature) pairs sharing a word, one per pair."""
         dw = _words2d(d_words, "database image")
-        if dw.shape[0] == 0 or self._w.size == 0:
+        n = len(self._count)
+        if dw.shape[0] == 0 or n == 0:
             return np.zeros((0, 2), np.int64)
         dflat, dfeat, drank = _flat(dw)
-        valid = dflat >= 0
-        dflat, dfeat, drank = dflat[valid], dfeat[valid], drank[valid]
-        # per database entry: the run of query entries with its word
-        pos = np.searchsorted(self._uw, dflat)
-        pos_c = np.minimum(pos, len(self._uw) - 1)
-        hit = self._uw[pos_c] == dflat
-        if not hit.any():
+        hit = (dflat >= 0) & (dflat < n)
+        hit[hit] = self._count[dflat[hit]] > 0
+        dflat, dfeat, drank = dflat[hit], dfeat[hit], drank[hit]
+        if not len(dflat):
             return np.zeros((0, 2), np.int64)
-        dflat, dfeat, drank, pos = dflat[hit], dfeat[hit], drank[hit], pos_c[hit]
-        qcnt = self._ucount[pos]
-        uw_d, inv_d, dcnt_w = np.unique(dflat, return_inverse=True, return_counts=True)
-        pairs_w = qcnt * dcnt_w[inv_d]
-        keep = pairs_w <= self.burst_limit if self.burst_limit > 0 else np.ones(len(dflat), bool)
-        dfeat, drank, pos, qcnt, pairs_w = dfeat[keep], drank[keep], pos[keep], qcnt[keep], pairs_w[keep]
+        qcnt = self._count[dflat]
+        pairs_w = qcnt * np.bincount(dflat, minlength=n)[dflat]
+        if self.burst_limit > 0:
+            keep = pairs_w <= self.burst_limit
+            dflat, dfeat, drank, qcnt, pairs_w = dflat[keep], dfeat[keep], drank[keep], qcnt[keep], pairs_w[keep]
         total = int(qcnt.sum())
         if total == 0:
             return np.zeros((0, 2), np.int64)
         rep = np.repeat(np.arange(len(dfeat)), qcnt)
-        off = np.arange(total) - np.repeat(np.cumsum(qcnt) - qcnt, qcnt)
-        qidx = self._ustart[pos][rep] + off
+        qidx = self._start[dflat][rep] + (np.arange(total) - np.repeat(np.cumsum(qcnt) - qcnt, qcnt))
         qi, di = self._f[qidx], dfeat[rep]
+        # most distinctive first: primary assignments, then rare words (hypotheses are taken in
+        # this order), then by feature for determinism
         rank = self._r[qidx] + drank[rep]
-        # one entry per (query, db) feature pair: the best (lowest) rank, then the rarest word
-        n_d = int(dw.shape[0])
-        key = qi * n_d + di
-        order = np.lexsort((key, pairs_w[rep], rank))
-        _, first = np.unique(key[order], return_index=True)
-        sel = order[np.sort(first)]
-        return np.stack([qi[sel], di[sel]], axis=1)
+        order = np.lexsort((di, qi, pairs_w[rep], rank))
+        qi, di = qi[order], di[order]
+        if dw.shape[1] > 1:  # database multiple assignment: a pair may be reached through several words
+            # keep its first (best) occurrence
+            _, first = np.unique(qi * dw.shape[0] + di, return_index=True)
+            first.sort()
+            qi, di = qi[first], di[first]
+        return np.stack([qi, di], axis=1)
 
 
 def word_matches(q_words, d_words, burst_limit: int = 64) -> np.ndarray:

@@ -3,7 +3,8 @@ retrieval with large vocabularies and fast spatial matching", CVPR 2007) with lo
 (Chum et al., LO-RANSAC, 2003). The arithmetic runs in ``ext/ransac/fsm.c``.
 
 Every correspondence of two affine frames (x, y, a11, a12, a21, a22) gives an affine hypothesis
-A = F_db F_q^-1. Hypotheses (all, or an evenly spaced sample of ``max_hypotheses``) are scored by
+A = F_db F_q^-1. Hypotheses (all, or the first ``max_hypotheses`` in the order of the matches, which
+the matchers sort most distinctive first) are scored by
 the number of correspondences with transfer error below ``threshold`` pixels; a hypothesis that
 beats the best score is refined by least-squares affine fits on its inliers, and the best affine
 model may finally be upgraded to a homography. Inliers are one to one (each feature used once) and
@@ -81,8 +82,8 @@ class SpatialVerifier:
 
     threshold: inlier transfer error in pixels for an image whose longest side is ``reference_side``;
     with ``reference_side`` > 0 and a known database image size it scales with the image
-    (``reference_side`` = 0: ``threshold`` is absolute). max_hypotheses: hypotheses scored per pair
-    (0: one per correspondence). lo_iterations: least-squares re-fits per local optimisation.
+    (``reference_side`` = 0: ``threshold`` is absolute). max_hypotheses: hypotheses scored per pair,
+    the first matches in their order (0: one per correspondence). lo_iterations: least-squares re-fits per local optimisation.
     homography: try to upgrade the best affine model to a homography. max_scale / max_anisotropy:
     hypotheses changing the scale by more than this factor, or stretching one direction by more than
     this against the other, are skipped. min_inliers: fewer inliers than this count as none (>= 3).

@@ -44,7 +44,7 @@ def synthetic_pair(H, n_in=200, n_out=600, noise=0.7, seed=0):
     d[:, :2] += rng.normal(0, noise, (len(d), 2)).astype(np.float32)
     d[n_in:] = random_frames(rng, n_out)
     m = np.stack([np.arange(len(q)), np.arange(len(q))], 1)
-    return q, d, m
+    return q, d, m[rng.permutation(len(m))]  # inliers not first: hypotheses are taken in match order
 
 
 AFFINE = np.array([[0.8, 0.25, 40.0], [-0.2, 1.1, -25.0], [0, 0, 1]])

@@ -5,11 +5,12 @@
  * gives the affine map A = Fd Fq^-1 (query pixels -> database pixels).  Each sampled hypothesis is
  * scored by the number of correspondences whose transfer error |A q - d| is below the threshold;
  * whenever a hypothesis beats the best (locally optimised) score so far, it is refined by iterated
- * least-squares affine fits on its inliers (LO-RANSAC).  The best affine model can finally be
+ * least-squares affine fits on its inliers (LO-RANSAC). Hypotheses are taken in the given order (the
+ * first max_hypotheses: callers put the most distinctive correspondences first, as in PROSAC).  The best affine model can finally be
  * upgraded to a homography (normalised DLT) if that gains inliers.  The reported inliers are one to
  * one (greedy by residual: each query and database feature used once) and must not be degenerate
- * (repeated or collinear points), else the pair has zero inliers.  No randomness: the hypothesis
- * sample is evenly spaced, ties keep the first, so results do not depend on the thread count.
+ * (repeated or collinear points), else the pair has zero inliers.  No randomness and ties keep the
+ * first, so results do not depend on the thread count.
  */
 #include "fsm.h"
 
@@ -415,8 +416,8 @@ int fsm_verify(const float *qf, const float *df, const int32_t *qid, const int32
     int64_t best_count = 0;
     int have = 0;
     for (int64_t s = 0; s < n_eval; s++) {
-        /* evenly spaced sample of the usable correspondences (all when n_eval == n_hyp) */
-        int64_t j = hyps[(n_eval == n_hyp) ? s : (s * n_hyp) / n_eval];
+        /* the first n_eval usable correspondences: callers order them most distinctive first */
+        int64_t j = hyps[s];
         const float *a = qf + 6 * j, *b = df + 6 * j;
         double Lq[4] = {a[2], a[3], a[4], a[5]}, Lqi[4];
         if (!inv2(Lq, Lqi)) continue;

@@ -8,7 +8,7 @@
 
 typedef struct {
     double threshold;      /* inlier distance in db-image pixels (transfer error) */
-    int max_hypotheses;    /* hypotheses scored per pair; evenly spaced sample above this (0: all) */
+    int max_hypotheses;    /* hypotheses scored per pair: the first ones in the given order (0: all) */
     int lo_iterations;     /* least-squares re-fits per local optimisation */
     int homography;        /* 1: try a homography on the best affine inliers and keep it if better */
     double max_scale;      /* hypotheses changing the area scale by more than this^2 are skipped */
