@@ -89,6 +89,8 @@ def main(argv=None):
     ap.add_argument("--min-inliers", type=int, default=0, help="0: 10 after BoW, 5 after ASMK*/HQE")
     ap.add_argument("--top", type=int, default=100, help="images verified per query")
     ap.add_argument("--qe-images", type=int, default=50)
+    ap.add_argument("--sweep-min-inliers", default="5,6,7,8,10",
+                    help="also evaluate the +SP methods (without QE) at these verified thresholds (same verifications)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="results JSON (default: <work>/sp-results-<protocol>.json)")
     args = ap.parse_args(argv)
@@ -177,11 +179,12 @@ def main(argv=None):
                                     qe=("hqe" if base == "HQE" else "avg") if qe else "none",
                                     qe_images=args.qe_images, match_ma=args.match_ma, verify=sp)
             t = time.perf_counter()
-            ranks, verifs = [], []
+            ranks, verifs, firsts = [], [], []
             for q in queries:
-                r, v, _ = search.search(q)
+                r, v, st = search.search(q)
                 ranks.append(r)
                 verifs.append(v)
+                firsts.append(st.get("first_ranking"))
             dt = (time.perf_counter() - t) / max(len(queries), 1)
             res = evaluate(np.stack(ranks, 1), ds.gnd, (1, 5, 10))
             res["s_per_query"] = dt
@@ -189,6 +192,19 @@ def main(argv=None):
                 res["chance"] = chance_level(ds, verifs, search.reranker.min_inliers)
             results[m] = res
             rows.append((m, res))
+            if sp and not qe and args.sweep_min_inliers:
+                from bowretrieval.rerank import rerank_order
+
+                for t in [int(x) for x in args.sweep_min_inliers.split(",")]:
+                    rk = [rerank_order(f, [v[int(i)].n_inliers for i in f[:args.top]], t) if f is not None else r
+                          for f, v, r in zip(firsts, verifs, ranks)]
+                    rs = evaluate(np.stack(rk, 1), ds.gnd, (1, 5, 10))
+                    rs["s_per_query"] = dt
+                    rs.pop("per_query", None)
+                    results[f"{m} (>={t})"] = rs
+                    rows.append((f"{m} (>={t})", rs))
+                    print(f"[{proto}]   {m} with >= {t} inliers: E {rs['easy']['mAP']:6.2f} M {rs['medium']['mAP']:6.2f} "
+                          f"H {rs['hard']['mAP']:6.2f}", flush=True)
             print(f"[{proto}] {m:<12} E {res['easy']['mAP']:6.2f} M {res['medium']['mAP']:6.2f} "
                   f"H {res['hard']['mAP']:6.2f}  mP@10 M {res['medium']['mP'][2]:6.2f} H {res['hard']['mP'][2]:6.2f}"
                   f"  {dt * 1e3:7.1f} ms/query", flush=True)

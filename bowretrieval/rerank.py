@@ -269,7 +269,8 @@ class VerifiedSearch:
 
     # -- the search ----------------------------------------------------------------------------
     def search(self, q: QueryFeatures):
-        """(ranking (n_images,) int64, {id: Verification} of the last verified shortlist, stats)."""
+        """(ranking (n_images,) int64, {id: Verification} of the last verified shortlist, stats:
+        'first_ranking' (before verification), 'verified' (count), 'expanded' (QE issued))."""
         stats = {}
         if self.verify:
             self._assign(q, max(self.match_ma, self._query_ma()))  # one assignment serves both
@@ -277,6 +278,7 @@ class VerifiedSearch:
         if not self.verify or len(q.frames) == 0:
             return np.asarray(ranking, np.int64), {}, stats
         qw = self._assign(q, self.match_ma)
+        stats["first_ranking"] = np.asarray(ranking, np.int64)
         ranking, ver = self.reranker.rerank(ranking, q.frames, qw, self.db)
         stats["verified"] = sum(v.n_inliers >= self.reranker.min_inliers for v in ver.values())
         if self.qe != "none":
