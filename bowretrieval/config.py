@@ -24,7 +24,7 @@ def _f(default, help: str):
 
 @dataclass
 class ExtractConfig:
-    extractor: str = _f("sift", "registered extractor name (sift; hesaff when built)")
+    extractor: str = _f("hesaff", "registered extractor name: hesaff (Hessian-Affine + SIFT) or sift (OpenCV DoG)")
     params: dict = _f({}, "extractor parameters, passed as keyword arguments")
     max_side: int = _f(1024, "downscale images whose longest side exceeds this (0: never)")
     workers: int = _f(2, "extraction worker processes")

@@ -57,7 +57,7 @@ def test_pipeline_end_to_end(tmp_path, capsys):
                  "--set", "vocab.size=128", "--set", "vocab.iterations=5"]) == 0
     assert main(["index", "build", "--features", str(store), "--vocab", str(voc), "--out", str(idx), "--quiet"]) == 0
     meta = json.loads((idx / "names.json").read_text())
-    assert meta["vocab"]["size"] == 128 and meta["extract"]["extractor"] == "sift"
+    assert meta["vocab"]["size"] == 128 and meta["extract"]["extractor"] == "hesaff"
     capsys.readouterr()
     assert main(["search", str(idx), str(imgs / "a2.png"), "--top", "1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
