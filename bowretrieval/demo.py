@@ -23,6 +23,9 @@ QUICK_DATA = dict(n_landmarks=3, views_per_landmark=5, queries_per_landmark=2, n
 def demo_config(quick: bool = False, workers: int = 2) -> ExperimentConfig:
     """The baseline configuration scaled to the small generated dataset."""
     cfg = ExperimentConfig()
+    # the foundation baseline (configs/baseline.yaml) is OpenCV SIFT with dominant orientations; the
+    # generated cameras roll freely, which up-right Hessian-Affine frames are not meant for
+    cfg.extract.extractor = "sift"
     cfg.extract.workers = workers
     cfg.vocab.size = 256 if quick else 2048
     cfg.vocab.iterations = 10
