@@ -263,9 +263,14 @@ class VerifiedSearch:
             words = [self._assign(q, 1).reshape(-1)] + \
                     [np.asarray(self.db.words[i])[sel].reshape(-1) for i, sel in sets]
             return bow_average_query(self.index, words)[0]
+        # ASMK*/SMK*: one query aggregating the query's and the mapped descriptors, each with its
+        # nearest word (the database features' words are known: no assignment, as in HQE)
         descs = [np.asarray(q.descriptors, np.float32)] + \
                 [np.asarray(self.db_descriptors(i), np.float32)[sel] for i, sel in sets]
-        return self.index.query([np.concatenate(descs)], top=None).ids[0]
+        words = [self._assign(q, 1)] + [np.asarray(self.db.words[i]).reshape(len(self.db.words[i]), -1)[sel, :1]
+                                        for i, sel in sets]
+        return self.index.query([np.concatenate(descs)], top=None,
+                                words=[np.concatenate(words).astype(np.int32)]).ids[0]
 
     # -- the search ----------------------------------------------------------------------------
     def search(self, q: QueryFeatures):
