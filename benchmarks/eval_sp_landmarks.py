@@ -3,7 +3,8 @@
 Methods (one vocabulary, one feature set, the same queries):
   BoW            tf-idf cosine                     BoW+SP       + re-rank the top 100 (>= 10 inliers)
   BoW+SP+QE      + average query expansion from verified images, re-query, re-rank again
-  ASMK*          (query MA 5)                      ASMK*+SP     + re-rank the top 100 (>= 5 inliers)
+  ASMK*          (query MA 5)                      ASMK*+SP     + re-rank the top 100 (>= 10 inliers;
+                                                                 --sweep-min-inliers shows 5..10)
   ASMK*+SP+QE    + the verified images' features mapped into the query region, aggregated with the
                  query's, re-query, re-rank
   HQE            Hamming query expansion (reliable images from strict Hamming matches)
@@ -86,10 +87,10 @@ def main(argv=None):
     ap.add_argument("--vocab-size", type=int, default=16384)
     ap.add_argument("--threshold", type=float, default=12.0, help="inlier threshold, px at 1024 px")
     ap.add_argument("--match-ma", type=int, default=3, help="query multiple assignment of correspondences")
-    ap.add_argument("--min-inliers", type=int, default=0, help="0: 10 after BoW, 5 after ASMK*/HQE")
+    ap.add_argument("--min-inliers", type=int, default=0, help="0: rerank.DEFAULT_MIN_INLIERS (10)")
     ap.add_argument("--top", type=int, default=100, help="images verified per query")
     ap.add_argument("--qe-images", type=int, default=50)
-    ap.add_argument("--sweep-min-inliers", default="5,6,7,8,10",
+    ap.add_argument("--sweep-min-inliers", default="5,8,10,15",
                     help="also evaluate the +SP methods (without QE) at these verified thresholds (same verifications)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="results JSON (default: <work>/sp-results-<protocol>.json)")
