@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bowretrieval.config import _f, from_dict, load_config  # noqa: F401
+from bowretrieval.config import _f, load_config
 
 
 @dataclass

@@ -204,7 +204,6 @@ class Miner:
 
     # 2 ----------------------------------------------------------------------------------------
     def stage_index(self, i):
-        rc = self.cfg.retrieval
         os.makedirs(self.path("retrieval"), exist_ok=True)
         fc = self.cfg.features
         with FeatureStore(self.store_path) as st:
