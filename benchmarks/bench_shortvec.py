@@ -35,6 +35,16 @@ LABELS = {"single8k": "single 8k + PCAw", "mvocab": "mVocab 4x8k", "mmeasreg": "
           "mrootsift": "mRootSIFT 4x(2k..128)", "mpcasift": "mPCA-SIFT 4x(2k..128)"}
 
 
+def bundle_config(repo, name, args):
+    cfg = load_bundle_config(os.path.join(repo, "configs", f"{name}.yaml"))
+    if args.iterations:
+        cfg.iterations = args.iterations
+    if args.max_descriptors:
+        cfg.max_descriptors = args.max_descriptors
+    path = os.path.join(args.cache, f"enc-{name}-it{cfg.iterations}-n{cfg.max_descriptors}.npz")
+    return cfg, path
+
+
 def raw(store_path, names):
     with FeatureStore(store_path) as st:
         return [st.load(n).descriptors if n in st else np.zeros((0, 5, 128), np.uint8) for n in names]
@@ -51,12 +61,19 @@ def main(argv=None):
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pq-m", type=int, default=16)
+    ap.add_argument("--sift-db", default=None, help="single-region OpenCV SIFT store of the database (default: "
+                    "region 1.0 x r of the measurement-region store); used by every bundle except mMeasReg")
+    ap.add_argument("--sift-crop", default=None, help="the same for the cropped queries")
+    ap.add_argument("--iterations", type=int, default=None, help="override every config's k-means iterations")
+    ap.add_argument("--max-descriptors", type=int, default=None,
+                    help="override every config's training-descriptor subsample (per member)")
     ap.add_argument("--learn-only", action="store_true", help="learn and cache the encoders, then stop")
     args = ap.parse_args(argv)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     data = shared_data_dir()
     st = stores(args.cache)
-    for k, p in (st.items() if not args.learn_only else [("train", st["train"])]):
+    need = ["train"] if args.learn_only else ["train"] + (["db", "crop"] if "mmeasreg" in args.configs or not args.sift_db else [])
+    for k, p in ((k, st[k]) for k in need):
         if not os.path.exists(p):
             sys.exit(f"{p}: missing; run benchmarks/shortvec_features.py --out {args.cache} first")
     with FeatureStore(st["train"]) as s:
@@ -64,17 +81,29 @@ def main(argv=None):
     train = raw(st["train"], train_names)
     if args.learn_only:
         for name in args.configs.split(","):
-            path = os.path.join(args.cache, f"enc-{name}.npz")
+            cfg, path = bundle_config(repo, name, args)
             if not os.path.exists(path):
                 t0 = time.time()
-                cfg = load_bundle_config(os.path.join(repo, "configs", f"{name}.yaml"))
                 ShortVectorEncoder(MultiVocabulary(cfg, threads=args.threads)).fit(train, progress=True).save(path)
                 print(f"{name}: learned in {time.time() - t0:.0f} s -> {path}", flush=True)
         return
     ds = {"crop": RevisitedDataset(data / "landmarks-dev", "gnd_landmarks-dev-crop.json"),
           "full": RevisitedDataset(data / "landmarks-dev", "gnd_landmarks-dev.json")}
-    db = raw(st["db"], ds["full"].imlist)
-    queries = {p: raw(st[p], [f"{i:05d}:{n}" for i, n in enumerate(d.qimlist)]) for p, d in ds.items()}
+    crop_names = [f"{i:05d}:{n}" for i, n in enumerate(ds["crop"].qimlist)]
+    pos = {n: i for i, n in enumerate(ds["full"].imlist)}
+
+    def sets(multi_region):
+        """db, crop and full-protocol query descriptors. Full-protocol queries are whole database
+        images (their bbx is the whole image), so they reuse the database features."""
+        dbp = st["db"] if multi_region or not args.sift_db else args.sift_db
+        cp = st["crop"] if multi_region or not args.sift_crop else args.sift_crop
+        db = raw(dbp, ds["full"].imlist)
+        q = {"crop": raw(cp, crop_names), "full": [db[pos[n]] for n in ds["full"].qimlist]}
+        return db, q
+
+    data_mr = sets(True) if (not args.sift_db or "mmeasreg" in args.configs) else None
+    data_sr = sets(False) if args.sift_db else data_mr
+    db, queries = data_sr
     print(f"train: {len(train)} images, {sum(len(d) for d in train)} features; db: {len(db)} images, "
           f"{sum(len(d) for d in db)} features; queries crop {len(queries['crop'])}, full {len(queries['full'])}",
           flush=True)
@@ -83,8 +112,7 @@ def main(argv=None):
     extra = {}
     head = f"{'method (128-D unless said)':<34} {'E':>6} {'M':>6} {'H':>6}   {'mP@1M':>6} {'mP@5M':>6}"
     for name in args.configs.split(","):
-        cfg = load_bundle_config(os.path.join(repo, "configs", f"{name}.yaml"))
-        path = os.path.join(args.cache, f"enc-{name}.npz")
+        cfg, path = bundle_config(repo, name, args)
         t0 = time.time()
         if os.path.exists(path):
             enc = ShortVectorEncoder.load(path, threads=args.threads)
@@ -92,6 +120,7 @@ def main(argv=None):
             enc = ShortVectorEncoder(MultiVocabulary(cfg, threads=args.threads)).fit(train, progress=True)
             enc.save(path)
             extra[f"{name}_learn_s"] = time.time() - t0
+        db, queries = data_mr if name == "mmeasreg" else data_sr
         t0 = time.time()
         Bdb = enc.bundle.transform(db, progress=True, desc=f"{name} db")
         extra[f"{name}_encode_s_per_image"] = (time.time() - t0) / len(db)

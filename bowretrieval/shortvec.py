@@ -198,8 +198,10 @@ class ShortVectorIndex:
         return self.index_.reconstruct_n(0, self.n_images_)
 
     def _raw_search(self, Q, k):
-        sims, ids = self.index_.search(Q, k)
-        if self.empty_.any():
+        n_empty = int(self.empty_.sum())
+        # fetch enough results that pushing images without features back leaves k real ones in front
+        sims, ids = self.index_.search(Q, min(k + n_empty, self.n_images_))
+        if n_empty:
             # images without features rank last whatever their (zero) score
             e = np.zeros_like(sims, dtype=bool)
             valid = ids >= 0
@@ -207,7 +209,7 @@ class ShortVectorIndex:
             sims = np.where(e, -np.inf, sims)
             order = np.argsort(-sims, axis=1, kind="stable")
             ids, sims = np.take_along_axis(ids, order, 1), np.take_along_axis(sims, order, 1)
-        return ids.astype(np.int64), sims
+        return ids[:, :k].astype(np.int64), sims[:, :k]
 
     def search(self, queries, top: int | None = None, qe: bool = False, alpha: float | None = None,
                nqe: int | None = None):

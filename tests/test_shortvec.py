@@ -278,3 +278,10 @@ def test_hnsw_assignment_recall_against_exact():
     exact = Vocabulary(**dict(voc.get_params(), search="exact"))
     exact.centroids_ = voc.centroids_
     assert exact.assignment_recall(X[20000:]) == 1.0
+
+
+def test_truncated_search_skips_images_without_features():
+    V = np.array([[1, 0], [0, 0], [-0.6, 0.8], [-1, 0]], np.float32)  # image 1 has no features
+    ids, sims = ShortVectorIndex().fit(V).search(np.array([[-0.1, -0.995]], np.float32), top=2)
+    # scores 0.1, 0 (no features), -0.1, -0.74: the image without features never enters a top list
+    np.testing.assert_array_equal(ids[0], [3, 0])
