@@ -19,10 +19,10 @@ import sys
 import time
 
 import numpy as np
+import scipy.sparse as sp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bowretrieval.bow import BowIndex  # noqa: E402
 from bowretrieval.featurestore import FeatureStore  # noqa: E402
 from bowretrieval.multivocab import MultiVocabulary, load_bundle_config  # noqa: E402
 from bowretrieval.paths import shared_data_dir  # noqa: E402
@@ -47,7 +47,10 @@ def bundle_config(repo, name, args):
 
 def raw(store_path, names):
     with FeatureStore(store_path) as st:
-        return [st.load(n).descriptors if n in st else np.zeros((0, 5, 128), np.uint8) for n in names]
+        missing = [n for n in names if n not in st]
+        if missing:
+            print(f"WARNING {store_path}: {len(missing)} of {len(names)} images missing (treated as featureless)")
+        return [st.load(n).descriptors if n in st else np.zeros((0, 128), np.uint8) for n in names]
 
 
 def row(name, res):
@@ -68,8 +71,11 @@ def main(argv=None):
     ap.add_argument("--max-descriptors", type=int, default=None,
                     help="override every config's training-descriptor subsample (per member)")
     ap.add_argument("--learn-only", action="store_true", help="learn and cache the encoders, then stop")
+    ap.add_argument("--report", action="store_true", help="only print the table of the results already computed")
     args = ap.parse_args(argv)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if args.report:
+        return report(args)
     data = shared_data_dir()
     st = stores(args.cache)
     need = ["train"] if args.learn_only else ["train"] + (["db", "crop"] if "mmeasreg" in args.configs or not args.sift_db else [])
@@ -90,84 +96,109 @@ def main(argv=None):
     ds = {"crop": RevisitedDataset(data / "landmarks-dev", "gnd_landmarks-dev-crop.json"),
           "full": RevisitedDataset(data / "landmarks-dev", "gnd_landmarks-dev.json")}
     crop_names = [f"{i:05d}:{n}" for i, n in enumerate(ds["crop"].qimlist)]
-    pos = {n: i for i, n in enumerate(ds["full"].imlist)}
 
     def sets(multi_region):
         """db, crop and full-protocol query descriptors. Full-protocol queries are whole database
         images (their bbx is the whole image), so they reuse the database features."""
         dbp = st["db"] if multi_region or not args.sift_db else args.sift_db
         cp = st["crop"] if multi_region or not args.sift_crop else args.sift_crop
-        db = raw(dbp, ds["full"].imlist)
-        q = {"crop": raw(cp, crop_names), "full": [db[pos[n]] for n in ds["full"].qimlist]}
-        return db, q
+        return raw(dbp, ds["full"].imlist), {"crop": raw(cp, crop_names)}
 
     data_mr = sets(True) if (not args.sift_db or "mmeasreg" in args.configs) else None
     data_sr = sets(False) if args.sift_db else data_mr
     db, queries = data_sr
     print(f"train: {len(train)} images, {sum(len(d) for d in train)} features; db: {len(db)} images, "
-          f"{sum(len(d) for d in db)} features; queries crop {len(queries['crop'])}, full {len(queries['full'])}",
-          flush=True)
+          f"{sum(len(d) for d in db)} features; crop queries {len(queries['crop'])}", flush=True)
 
-    results = {p: [] for p in ds}
-    extra = {}
-    head = f"{'method (128-D unless said)':<34} {'E':>6} {'M':>6} {'H':>6}   {'mP@1M':>6} {'mP@5M':>6}"
     for name in args.configs.split(","):
-        cfg, path = bundle_config(repo, name, args)
-        t0 = time.time()
-        if os.path.exists(path):
-            enc = ShortVectorEncoder.load(path, threads=args.threads)
-        else:
-            enc = ShortVectorEncoder(MultiVocabulary(cfg, threads=args.threads)).fit(train, progress=True)
-            enc.save(path)
-            extra[f"{name}_learn_s"] = time.time() - t0
-        db, queries = data_mr if name == "mmeasreg" else data_sr
+        eval_config(name, args, repo, train, ds, data_mr if name == "mmeasreg" else data_sr)
+    report(args)
+
+
+def _l2rows(B):
+    n = np.sqrt(np.asarray(B.multiply(B).sum(axis=1)).ravel())
+    return sp.diags(1.0 / np.maximum(n, 1e-12)) @ B
+
+
+def eval_config(name, args, repo, train, ds, sets):
+    """Learn (or load) one bundle's encoder, encode, search with/without alpha-QE, write res-<name>.json."""
+    db, queries = sets
+    cfg, path = bundle_config(repo, name, args)
+    extra, results = {}, {p: [] for p in ds}
+    t0 = time.time()
+    if os.path.exists(path):
+        enc = ShortVectorEncoder.load(path, threads=args.threads)
+    else:
+        enc = ShortVectorEncoder(MultiVocabulary(cfg, threads=args.threads)).fit(train, progress=True)
+        enc.save(path)
+        extra["learn_s"] = time.time() - t0
+    bow_path = os.path.join(args.cache, f"bow-{os.path.basename(path)[4:-4]}{'-sr' if args.sift_db and name != 'mmeasreg' else ''}.npz")
+    if os.path.exists(bow_path):
+        z = np.load(bow_path)
+        Bdb, Bq = sp.load_npz(bow_path + ".db.npz"), {"crop": sp.load_npz(bow_path + ".crop.npz")}
+        extra["encode_s_per_image"] = float(z["encode_s_per_image"])
+    else:
         t0 = time.time()
         Bdb = enc.bundle.transform(db, progress=True, desc=f"{name} db")
-        extra[f"{name}_encode_s_per_image"] = (time.time() - t0) / len(db)
-        Vdb = enc.transform_bow(Bdb)
-        index = ShortVectorIndex(threads=args.threads).fit(Vdb)
-        for p, d in ds.items():
-            Bq = enc.bundle.transform(queries[p])
-            Vq = enc.transform_bow(Bq)
-            for qe in (False, True):
-                ids, _ = index.search(Vq, qe=qe)
-                res = evaluate(ids.T, d.gnd)
-                results[p].append((f"{LABELS[name]}{' +aQE' if qe else ''}", res))
-            # the same concatenated BoW before PCA-whitening (cosine): what the reduction keeps
-            Bn = Bdb.multiply(1.0 / np.maximum(np.sqrt(Bdb.multiply(Bdb).sum(axis=1)), 1e-12)).tocsr()
-            Bqn = Bq.multiply(1.0 / np.maximum(np.sqrt(Bq.multiply(Bq).sum(axis=1)), 1e-12)).tocsr()
-            S = (Bqn @ Bn.T).toarray()
-            res = evaluate(np.argsort(-S, axis=1, kind="stable").T, d.gnd)
-            results[p].append((f"  ({LABELS[name]}, {enc.bundle.dim}-D sqrt-BoW)", res))
-            print(f"[{p}] {row(results[p][-3][0], results[p][-3][1])}\n[{p}] {row(results[p][-2][0], results[p][-2][1])}"
-                  f"\n[{p}] {row(results[p][-1][0], results[p][-1][1])}", flush=True)
+        extra["encode_s_per_image"] = (time.time() - t0) / len(db)
+        Bq = {"crop": enc.bundle.transform(queries["crop"], progress=True, desc=f"{name} crop queries")}
+        sp.save_npz(bow_path + ".db.npz", Bdb)
+        sp.save_npz(bow_path + ".crop.npz", Bq["crop"])
+        np.savez(bow_path, encode_s_per_image=extra["encode_s_per_image"])
+    pos = {n: i for i, n in enumerate(ds["full"].imlist)}
+    Bq["full"] = Bdb[[pos[n] for n in ds["full"].qimlist]]  # full-protocol queries are whole db images
+    Vdb = enc.transform_bow(Bdb)
+    index = ShortVectorIndex(threads=args.threads).fit(Vdb)
+    pq = ShortVectorIndex("pq", pq_m=args.pq_m, pq_bits=8, threads=args.threads).fit(Vdb) if args.pq_m else None
+    for p, d in ds.items():
+        Vq = enc.transform_bow(Bq[p])
+        for qe in (False, True):
+            ids, _ = index.search(Vq, qe=qe)
+            results[p].append((f"{LABELS[name]}{' +aQE' if qe else ''}", evaluate(ids.T, d.gnd)))
+        if pq is not None:
+            ids, _ = pq.search(Vq)
+            results[p].append((f"  {LABELS[name]} PQ {pq.bytes_per_image:g} B/image", evaluate(ids.T, d.gnd)))
+        # the concatenated BoW before PCA-whitening (cosine): what the reduction keeps or gains
+        S = (_l2rows(Bq[p]) @ _l2rows(Bdb).T).toarray()
+        results[p].append((f"  {enc.bundle.dim}-D sqrt-BoW, no PCA", evaluate(np.argsort(-S, axis=1, kind="stable").T, d.gnd)))
         if name == "single8k":
-            # full-dimensional tf-idf BoW over the same 8k RootSIFT words (reference)
-            voc = enc.bundle.vocabularies_[0]
-            words_db = [enc.bundle.assign(d)[0] for d in db]
-            bi = BowIndex(voc.n_words, args.threads).fit(words_db)
-            for p, d in ds.items():
-                ids, _ = bi.search([enc.bundle.assign(q)[0] for q in queries[p]])
-                results[p].append(("tf-idf BoW 8k (8192-D sparse)", evaluate(ids.T, d.gnd)))
-        if args.pq_m and name == args.configs.split(",")[-1] or name == "mrootsift":
-            pq = ShortVectorIndex("pq", pq_m=args.pq_m, pq_bits=8, threads=args.threads).fit(Vdb)
-            for p, d in ds.items():
-                Vq = enc.transform(queries[p])
-                ids, _ = pq.search(Vq)
-                results[p].append((f"{LABELS[name]} PQ{args.pq_m}x8", evaluate(ids.T, d.gnd)))
-            extra["bytes_float32"] = index.bytes_per_image
-            extra[f"bytes_pq{args.pq_m}x8"] = pq.bytes_per_image
-    out = {}
+            # full-dimensional tf-idf BoW over the same 8k words (reference). The stored block is
+            # sqrt(count) / norm * log(8192), so its square is the term frequency up to a per-image
+            # factor, which the L2 normalisation of tf-idf vectors removes: exactly BowIndex's cosine.
+            tf_db, tf_q = Bdb.power(2).tocsr(), Bq[p].power(2).tocsr()
+            df = np.bincount(tf_db.indices, minlength=Bdb.shape[1])
+            idf = np.where(df > 0, np.log(Bdb.shape[0] / np.maximum(df, 1)), 0.0)
+            S = (_l2rows(tf_q @ sp.diags(idf)) @ _l2rows(tf_db @ sp.diags(idf)).T).toarray()
+            results[p].append(("tf-idf BoW 8k (8192-D sparse)", evaluate(np.argsort(-S, axis=1, kind="stable").T, d.gnd)))
+        for n, r in results[p]:
+            print(f"[{p}] {row(n, r)}", flush=True)
+    extra["bytes_float32"] = index.bytes_per_image
+    if pq is not None:
+        extra["bytes_pq"] = pq.bytes_per_image
+    extra["config"] = {"iterations": cfg.iterations, "max_descriptors": cfg.max_descriptors, "bow_dim": enc.bundle.dim,
+                       "db_features": int(Bdb.shape[0])}
+    out = {p: [[n, {k: r[k] for k in ("easy", "medium", "hard")}] for n, r in results[p]] for p in ds}
+    with open(os.path.join(args.cache, f"res-{name}.json"), "w") as fh:
+        json.dump({"results": out, "extra": extra}, fh, indent=1)
+
+
+def report(args):
+    head = f"{'method (128-D unless said)':<34} {'E':>6} {'M':>6} {'H':>6}   {'mP@1M':>6} {'mP@5M':>6}"
+    res = {}
+    for name in CONFIGS:
+        f = os.path.join(args.cache, f"res-{name}.json")
+        if os.path.exists(f):
+            with open(f) as fh:
+                res[name] = json.load(fh)
     for p in ("crop", "full"):
         print(f"\nlandmarks-dev, {p} protocol ({'gnd_landmarks-dev-crop.json' if p == 'crop' else 'gnd_landmarks-dev.json'})")
         print(head)
         print("-" * len(head))
-        for n, r in results[p]:
-            print(row(n, r))
-        out[p] = {n: {k: r[k] for k in ("easy", "medium", "hard")} for n, r in results[p]}
-    print("\n" + json.dumps(extra, indent=1))
-    with open(os.path.join(args.cache, "bench_shortvec.json"), "w") as fh:
-        json.dump({"results": out, "extra": extra}, fh, indent=1)
+        for name, r in res.items():
+            for n, v in r["results"][p]:
+                print(f"{n:<34} {v['easy']['mAP']:6.1f} {v['medium']['mAP']:6.1f} {v['hard']['mAP']:6.1f}"
+                      f"   {v['medium']['mP'][0]:6.1f} {v['medium']['mP'][1]:6.1f}")
+    print("\n" + json.dumps({n: r["extra"] for n, r in res.items()}, indent=1))
 
 
 if __name__ == "__main__":

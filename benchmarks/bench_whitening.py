@@ -20,6 +20,7 @@ import time
 import tracemalloc
 
 import numpy as np
+import scipy.sparse as sp
 
 from bowretrieval.featurestore import FeatureStore
 from bowretrieval.multivocab import MultiVocabulary
@@ -28,23 +29,29 @@ from bowretrieval.whitening import PCAWhitening
 SIZES = [4096, 2048, 1024, 512, 256, 128]
 
 
-def crops(store_path, n_total, seed=0):
-    rng = np.random.default_rng(seed)
+def photos(store_path):
     imgs = []
     with FeatureStore(store_path) as st:
         for n in st.names():
             f = st.load(n)
             d = f.descriptors[:, f.descriptors.shape[1] // 2] if f.descriptors.ndim == 3 else f.descriptors
             imgs.append((f.frames[:, :2], d, st.image_size(n)))
-    out = [d for _, d, _ in imgs]
+    return imgs
+
+
+def crop_masks(imgs, n_total, seed=0):
+    """(photo index, feature mask) per image: every photo whole, then random crops of them."""
+    rng = np.random.default_rng(seed)
+    out = [(i, np.ones(len(d), bool)) for i, (_, d, _) in enumerate(imgs)]
     while len(out) < n_total:
-        xy, d, (w, h) = imgs[rng.integers(len(imgs))]
+        i = int(rng.integers(len(imgs)))
+        xy, d, (w, h) = imgs[i]
         area = rng.uniform(0.15, 0.6)
         aspect = rng.uniform(0.6, 1.6)
         cw, ch = min(w, w * np.sqrt(area * aspect)), min(h, h * np.sqrt(area / aspect))
         x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
         keep = (xy[:, 0] >= x0) & (xy[:, 0] < x0 + cw) & (xy[:, 1] >= y0) & (xy[:, 1] < y0 + ch)
-        out.append(d[keep])
+        out.append((i, keep))
     return out
 
 
@@ -56,8 +63,10 @@ def main(argv=None):
     ap.add_argument("--cache", default="/work/cache/shortvec/bench-whitening-bundle.npz")
     ap.add_argument("--no-sklearn", action="store_true")
     args = ap.parse_args(argv)
-    imgs = crops(args.train, args.images)
-    print(f"{len(imgs)} images ({sum(len(d) for d in imgs)} features; 200 photos + random crops)", flush=True)
+    imgs = photos(args.train)
+    masks = crop_masks(imgs, args.images)
+    print(f"{len(masks)} images ({sum(int(m.sum()) for _, m in masks)} features; {len(imgs)} photos + random crops)",
+          flush=True)
     if os.path.exists(args.cache):
         bundle = MultiVocabulary.load(args.cache, threads=args.threads)
     else:
@@ -65,11 +74,16 @@ def main(argv=None):
             dict(name=f"beta{b}", descriptor="power", beta=b, sizes=SIZES, seed=i + 1)
             for i, b in enumerate([1.0, 0.4, 0.5, 0.6])])
         t0 = time.time()
-        bundle = MultiVocabulary(cfg, threads=args.threads).fit(imgs[:200], progress=True)
+        bundle = MultiVocabulary(cfg, threads=args.threads).fit([d for _, d, _ in imgs], progress=True)
         bundle.save(args.cache)
         print(f"vocabularies learned in {time.time() - t0:.0f} s", flush=True)
     t0 = time.time()
-    X = bundle.transform(imgs)
+    # a crop's features are a subset of its photo's: assign every photo once, then select
+    words = [bundle.assign(d) for _, d, _ in imgs]
+    enc = [bundle.encode_words([w[m] for w in words[i]]) for i, m in masks]
+    indptr = np.concatenate([[0], np.cumsum([len(ix) for ix, _ in enc])])
+    X = sp.csr_matrix((np.concatenate([v for _, v in enc]), np.concatenate([ix for ix, _ in enc]), indptr),
+                      shape=(len(enc), bundle.dim))
     t_bow = time.time() - t0
     X = X[np.asarray(X.getnnz(axis=1)) > 0]
     print(f"BoW: {X.shape[0]} x {X.shape[1]}, {X.nnz} non-zeros ({X.nnz / X.shape[0]:.0f} per image), "

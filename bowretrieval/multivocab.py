@@ -167,7 +167,24 @@ class MultiVocabulary:
 
     # -- descriptors of one member ---------------------------------------------------------------
     def member_descriptors(self, mi: int, desc, what="descriptors") -> np.ndarray:
-        """The descriptors member ``mi`` quantises: region slice, SIFT variant, PCA projection."""
+        """The descriptors member ``mi`` quantises: region slice, SIFT variant, PCA-SIFT projection."""
+        m = self.members[mi]
+        d = self._region(mi, desc, what)
+        if self._has_projection(mi):
+            proj = self._projections[mi]
+            if d.shape[0] == 0:
+                return np.zeros((0, proj.dim), np.float32)
+            if d.shape[1] != proj.components_.shape[1]:
+                raise DataError(f"{what}: dimension {d.shape[1]} does not match member {m.name!r}'s PCA-SIFT "
+                                f"projection ({proj.components_.shape[1]}); use the descriptors the bundle was learned on")
+            check_descriptors(d, what)
+            return proj.transform(d)  # the SIFT variant is applied inside PCASift
+        if d.shape[0] == 0:
+            return np.zeros((0, d.shape[1]), np.float32)
+        return check_descriptors(transform(d, m.descriptor, m.beta), what)
+
+    def _region(self, mi, desc, what):
+        """The (N, D) slice of member ``mi``'s measurement region."""
         m = self.members[mi]
         d = np.asarray(desc)
         if d.ndim == 3:
@@ -175,25 +192,14 @@ class MultiVocabulary:
             if r >= d.shape[1]:
                 raise DataError(f"{what}: member {m.name!r} uses measurement region {m.region} but the descriptors "
                                 f"have only {d.shape[1]} regions; extract with more measurement regions")
-            d = d[:, r, :]
-        elif d.ndim == 2:
+            return d[:, r, :]
+        if d.ndim == 2:
             if m.region >= 0:
                 raise DataError(f"{what}: member {m.name!r} uses measurement region {m.region} but the descriptors "
                                 "have no region axis (N, 128); extract with measurement regions (N, R, 128), "
                                 "e.g. the hesaff extractor with `regions`")
-        else:
-            raise DataError(f"{what}: descriptors must be (N, D) or (N, R, D), got shape {d.shape}")
-        if d.shape[0] == 0:
-            dim = self._projections[mi].components_.shape[0] if self._has_projection(mi) else d.shape[1]
-            return np.zeros((0, dim), np.float32)
-        d = transform(d, m.descriptor, m.beta)
-        if self._has_projection(mi):
-            proj = self._projections[mi]
-            if d.shape[1] != proj.dim_in:
-                raise DataError(f"{what}: dimension {d.shape[1]} does not match member {m.name!r}'s PCA projection "
-                                f"({proj.dim_in}); use the descriptors the bundle was learned on")
-            d = proj.transform(d)
-        return check_descriptors(d, what)
+            return d
+        raise DataError(f"{what}: descriptors must be (N, D) or (N, R, D), got shape {d.shape}")
 
     def _has_projection(self, mi) -> bool:
         return getattr(self, "_projections", {}).get(mi) is not None
@@ -205,8 +211,6 @@ class MultiVocabulary:
         train_images: sequence of per-image descriptor arrays, (N, 128) or (N, R, 128), raw SIFT
         (uint8 as stored, or float). Images with no features are allowed.
         """
-        from .whitening import PCAWhitening
-
         cfg = self.config
         members = validate_bundle(cfg)
         train_images = list(train_images)
@@ -216,16 +220,14 @@ class MultiVocabulary:
         self.vocabularies_ = []
         for mi, m in enumerate(members):
             if m.pca_dims:
+                from .pcasift import PCASift
+
                 pick = {"all": slice(None), "even": slice(0, None, 2), "odd": slice(1, None, 2)}[m.pca_subset]
                 self._projections[mi] = None
-                sub = [self.member_descriptors(mi, d, f"training image {i}") for i, d in enumerate(train_images[pick])]
-                Xp = np.concatenate(sub) if sub else np.zeros((0, 128), np.float32)
-                Xp = self._subsample(Xp, cfg.max_descriptors, cfg.seed + 7919 * (mi + 1))
-                if len(Xp) <= m.pca_dims:
-                    raise DataError(f"member {m.name!r}: {len(Xp)} descriptors cannot give a {m.pca_dims}-D PCA; "
-                                    "use more training images")
-                self._projections[mi] = PCAWhitening(m.pca_dims, method="primal", whiten=False,
-                                                     normalize=False).fit(Xp)
+                sub = [self._region(mi, d, f"training image {i}") for i, d in enumerate(train_images[pick])]
+                Xp = self._subsample(np.concatenate(sub), cfg.max_descriptors, cfg.seed + 7919 * (mi + 1))
+                check_descriptors(Xp, f"member {m.name!r} PCA-SIFT training descriptors")
+                self._projections[mi] = PCASift(m.pca_dims, variant=m.descriptor, beta=m.beta).fit(Xp)
             X = [self.member_descriptors(mi, d, f"training image {i}") for i, d in enumerate(train_images)]
             X = np.concatenate(X)
             X = self._subsample(X, cfg.max_descriptors, cfg.seed + 104729 * (mi + 1))
@@ -271,27 +273,39 @@ class MultiVocabulary:
         """Nearest word per descriptor for every vocabulary: a list of int32 (N,) arrays, in block order.
 
         All sizes of a member come from one fused product X C^T and a blockwise argmin."""
+        self._check_fitted()
+        with _blas_threads(self.threads):
+            return self._assign(desc, what)
+
+    def _assign(self, desc, what):
         from ._ext import shortvec as _k
 
-        self._check_fitted()
         out = []
-        with _blas_threads(self.threads):
-            for mi, (C, c2, offsets) in enumerate(self._fused):
-                X = self.member_descriptors(mi, desc, what)
-                if X.shape[1] != C.shape[1]:
-                    raise DataError(f"{what}: dimension {X.shape[1]} does not match member "
-                                    f"{self.members[mi].name!r}'s vocabularies ({C.shape[1]})")
-                words = np.empty((len(X), len(offsets) - 1), np.int32)
-                for a in range(0, len(X), self.chunk):
-                    dots = X[a:a + self.chunk] @ C.T
-                    _k.block_argmin(dots, c2, offsets, words[a:a + self.chunk], max(self.threads, 1))
-                out.extend(words[:, b].copy() for b in range(words.shape[1]))
+        for mi, (C, c2, offsets) in enumerate(self._fused):
+            X = self.member_descriptors(mi, desc, what)
+            if X.shape[1] != C.shape[1]:
+                raise DataError(f"{what}: dimension {X.shape[1]} does not match member "
+                                f"{self.members[mi].name!r}'s vocabularies ({C.shape[1]})")
+            words = np.empty((len(X), len(offsets) - 1), np.int32)
+            for a in range(0, len(X), self.chunk):
+                dots = X[a:a + self.chunk] @ C.T
+                _k.block_argmin(dots, c2, offsets, words[a:a + self.chunk], max(self.threads, 1))
+            out.extend(words[:, b].copy() for b in range(words.shape[1]))
         return out
 
     # -- encoding -----------------------------------------------------------------------------
-    def encode(self, desc, what="descriptors"):
+    def encode(self, desc, what="descriptors", _limited=False):
         """(indices int64, values float32) of one image's concatenated, weighted BoW vector."""
-        words = self.assign(desc, what)
+        self._check_fitted()
+        if _limited:
+            words = self._assign(desc, what)
+        else:
+            with _blas_threads(self.threads):
+                words = self._assign(desc, what)
+        return self.encode_words(words)
+
+    def encode_words(self, words):
+        """(indices, values) of the concatenated BoW vector from per-vocabulary word arrays (``assign``)."""
         idx, val = [], []
         base = 0
         for (mi, size, weight), w in zip(self.blocks(), words):
@@ -310,11 +324,12 @@ class MultiVocabulary:
         """Sparse (n_images, dim) float32 matrix of concatenated BoW vectors; empty images give zero rows."""
         self._check_fitted()
         indptr, indices, data = [0], [], []
-        for i, d in enumerate(tqdm(images, desc=desc, unit="img", disable=not progress)):
-            ix, v = self.encode(d, f"image {i}")
-            indices.append(ix)
-            data.append(v)
-            indptr.append(indptr[-1] + len(ix))
+        with _blas_threads(self.threads):  # set once: threadpoolctl costs ~50 ms per entry
+            for i, d in enumerate(tqdm(images, desc=desc, unit="img", disable=not progress)):
+                ix, v = self.encode(d, f"image {i}", _limited=True)
+                indices.append(ix)
+                data.append(v)
+                indptr.append(indptr[-1] + len(ix))
         n = len(indptr) - 1
         cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
         return sp.csr_matrix((cat(data, np.float32), cat(indices, np.int64), np.asarray(indptr, np.int64)),
@@ -327,11 +342,11 @@ class MultiVocabulary:
         proj = {}
         for mi, p in getattr(self, "_projections", {}).items():
             if p is not None:
-                st = p.state_dict()
-                arrays[f"pca{mi}_mean"] = st["mean"]
-                arrays[f"pca{mi}_components"] = st["components"]
-                arrays[f"pca{mi}_var"] = st["explained_variance"]
-                proj[str(mi)] = st["meta"]
+                arrays[f"pca{mi}_mean"] = p.mean_
+                arrays[f"pca{mi}_components"] = p.components_
+                arrays[f"pca{mi}_var"] = p.explained_variance_
+                arrays[f"pca{mi}_var_ratio"] = p.explained_variance_ratio_
+                proj[str(mi)] = dict(params=p.get_params(), n_training=p.n_training_)
         meta = dict(format=FORMAT, config=to_dict_bundle(self.config), projections=proj,
                     vocab_params=[v.get_params() for v in self.vocabularies_],
                     inertia=[getattr(v, "inertia_", None) for v in self.vocabularies_])
@@ -339,8 +354,6 @@ class MultiVocabulary:
 
     @classmethod
     def from_state(cls, state, source="<state>", threads: int = 0) -> "MultiVocabulary":
-        from .whitening import PCAWhitening
-
         meta, arrays = state["meta"], state["arrays"]
         if meta.get("format") != FORMAT:
             raise DataError(f"{source}: bundle format {meta.get('format')!r} is not {FORMAT!r}; rebuild it "
@@ -357,10 +370,16 @@ class MultiVocabulary:
             self.vocabularies_.append(v)
         self._projections = {}
         for key, pm in meta.get("projections", {}).items():
+            from .pcasift import PCASift
+
             mi = int(key)
-            self._projections[mi] = PCAWhitening.from_state(
-                {"mean": arrays[f"pca{mi}_mean"], "components": arrays[f"pca{mi}_components"],
-                 "explained_variance": arrays[f"pca{mi}_var"], "meta": pm}, source)
+            p = PCASift(**pm["params"])
+            p.mean_ = np.asarray(arrays[f"pca{mi}_mean"], np.float32)
+            p.components_ = np.asarray(arrays[f"pca{mi}_components"], np.float32)
+            p.explained_variance_ = np.asarray(arrays[f"pca{mi}_var"], np.float32)
+            p.explained_variance_ratio_ = np.asarray(arrays[f"pca{mi}_var_ratio"], np.float32)
+            p.n_training_ = pm.get("n_training")
+            self._projections[mi] = p
         self._build_fused()
         return self
 
