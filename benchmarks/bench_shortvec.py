@@ -176,7 +176,7 @@ def eval_config(name, args, repo, train, ds, sets):
     if pq is not None:
         extra["bytes_pq"] = pq.bytes_per_image
     extra["config"] = {"iterations": cfg.iterations, "max_descriptors": cfg.max_descriptors, "bow_dim": enc.bundle.dim,
-                       "db_features": int(Bdb.shape[0])}
+                       "db_images": int(Bdb.shape[0])}
     out = {p: [[n, {k: r[k] for k in ("easy", "medium", "hard")}] for n, r in results[p]] for p in ds}
     with open(os.path.join(args.cache, f"res-{name}.json"), "w") as fh:
         json.dump({"results": out, "extra": extra}, fh, indent=1)

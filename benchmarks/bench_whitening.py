@@ -78,12 +78,17 @@ def main(argv=None):
         bundle.save(args.cache)
         print(f"vocabularies learned in {time.time() - t0:.0f} s", flush=True)
     t0 = time.time()
-    # a crop's features are a subset of its photo's: assign every photo once, then select
-    words = [bundle.assign(d) for _, d, _ in imgs]
-    enc = [bundle.encode_words([w[m] for w in words[i]]) for i, m in masks]
-    indptr = np.concatenate([[0], np.cumsum([len(ix) for ix, _ in enc])])
-    X = sp.csr_matrix((np.concatenate([v for _, v in enc]), np.concatenate([ix for ix, _ in enc]), indptr),
-                      shape=(len(enc), bundle.dim))
+    xpath = args.cache[:-4] + f"-bow{args.images}.npz"
+    if os.path.exists(xpath):
+        X = sp.load_npz(xpath)
+    else:
+        # a crop's features are a subset of its photo's: assign every photo once, then select
+        words = [bundle.assign(d) for _, d, _ in imgs]
+        enc = [bundle.encode_words([w[m] for w in words[i]]) for i, m in masks]
+        indptr = np.concatenate([[0], np.cumsum([len(ix) for ix, _ in enc])])
+        X = sp.csr_matrix((np.concatenate([v for _, v in enc]), np.concatenate([ix for ix, _ in enc]), indptr),
+                          shape=(len(enc), bundle.dim))
+        sp.save_npz(xpath, X)
     t_bow = time.time() - t0
     X = X[np.asarray(X.getnnz(axis=1)) > 0]
     print(f"BoW: {X.shape[0]} x {X.shape[1]}, {X.nnz} non-zeros ({X.nnz / X.shape[0]:.0f} per image), "

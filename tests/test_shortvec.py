@@ -285,3 +285,10 @@ def test_truncated_search_skips_images_without_features():
     ids, sims = ShortVectorIndex().fit(V).search(np.array([[-0.1, -0.995]], np.float32), top=2)
     # scores 0.1, 0 (no features), -0.1, -0.74: the image without features never enters a top list
     np.testing.assert_array_equal(ids[0], [3, 0])
+
+
+def test_very_sparse_input_takes_the_sparse_gram_path_with_the_same_result():
+    X = sp.random(120, 3000, density=0.004, random_state=11, format="csr")
+    a = PCAWhitening(10, method="dual").fit(X)
+    b = PCAWhitening(10, method="dual").fit(X.toarray())
+    np.testing.assert_allclose(a.explained_variance_, b.explained_variance_, rtol=1e-8)
