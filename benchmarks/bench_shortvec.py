@@ -54,7 +54,7 @@ def raw(store_path, names):
 
 
 def row(name, res):
-    return (f"{name:<34} {res['easy']['mAP']:6.1f} {res['medium']['mAP']:6.1f} {res['hard']['mAP']:6.1f}"
+    return (f"{name:<46} {res['easy']['mAP']:6.1f} {res['medium']['mAP']:6.1f} {res['hard']['mAP']:6.1f}"
             f"   {res['medium']['mP'][0]:6.1f} {res['medium']['mP'][1]:6.1f}")
 
 
@@ -71,6 +71,9 @@ def main(argv=None):
     ap.add_argument("--max-descriptors", type=int, default=None,
                     help="override every config's training-descriptor subsample (per member)")
     ap.add_argument("--learn-only", action="store_true", help="learn and cache the encoders, then stop")
+    ap.add_argument("--pca-crops", type=int, default=0,
+                    help="re-learn only the whitening on the training photos plus this many random crops of them "
+                         "(features inside a random window), vocabularies unchanged; results go to res-<name>-crops.json")
     ap.add_argument("--report", action="store_true", help="only print the table of the results already computed")
     args = ap.parse_args(argv)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,6 +135,23 @@ def eval_config(name, args, repo, train, ds, sets):
         enc = ShortVectorEncoder(MultiVocabulary(cfg, threads=args.threads)).fit(train, progress=True)
         enc.save(path)
         extra["learn_s"] = time.time() - t0
+    suffix = ""
+    if args.pca_crops:
+        from bench_whitening import crop_masks, photos
+
+        imgs = photos(stores(args.cache)["train"]) if name != "mmeasreg" else None
+        if name == "mmeasreg":  # keep the region axis
+            with FeatureStore(stores(args.cache)["train"]) as s:
+                imgs = [(s.load(n).frames[:, :2], s.load(n).descriptors, s.image_size(n)) for n in s.names()]
+        masks = crop_masks(imgs, len(imgs) + args.pca_crops, seed=1)
+        words = [enc.bundle.assign(d) for _, d, _ in imgs]
+        rows = [enc.bundle.encode_words([w[m] for w in words[i]]) for i, m in masks]
+        indptr = np.concatenate([[0], np.cumsum([len(ix) for ix, _ in rows])])
+        X = sp.csr_matrix((np.concatenate([v for _, v in rows]), np.concatenate([ix for ix, _ in rows]), indptr),
+                          shape=(len(rows), enc.bundle.dim))
+        enc.fit_bow(X)
+        suffix = "-crops"
+        extra["pca_training_vectors"] = int(X.shape[0])
     bow_path = os.path.join(args.cache, f"bow-{os.path.basename(path)[4:-4]}{'-sr' if args.sift_db and name != 'mmeasreg' else ''}.npz")
     if os.path.exists(bow_path):
         z = np.load(bow_path)
@@ -154,10 +174,14 @@ def eval_config(name, args, repo, train, ds, sets):
         Vq = enc.transform_bow(Bq[p])
         for qe in (False, True):
             ids, _ = index.search(Vq, qe=qe)
-            results[p].append((f"{LABELS[name]}{' +aQE' if qe else ''}", evaluate(ids.T, d.gnd)))
+            label = f"{LABELS[name]}{' [PCAw: +crops]' if suffix else ''}{' +aQE' if qe else ''}"
+            results[p].append((label, evaluate(ids.T, d.gnd)))
         if pq is not None:
             ids, _ = pq.search(Vq)
-            results[p].append((f"  {LABELS[name]} PQ {pq.bytes_per_image:g} B/image", evaluate(ids.T, d.gnd)))
+            results[p].append((f"  {LABELS[name]}{' [+crops]' if suffix else ''} PQ {pq.bytes_per_image:g} B/image",
+                               evaluate(ids.T, d.gnd)))
+        if suffix:
+            continue
         # the concatenated BoW before PCA-whitening (cosine): what the reduction keeps or gains
         S = (_l2rows(Bq[p]) @ _l2rows(Bdb).T).toarray()
         results[p].append((f"  {enc.bundle.dim}-D sqrt-BoW, no PCA", evaluate(np.argsort(-S, axis=1, kind="stable").T, d.gnd)))
@@ -170,6 +194,7 @@ def eval_config(name, args, repo, train, ds, sets):
             idf = np.where(df > 0, np.log(Bdb.shape[0] / np.maximum(df, 1)), 0.0)
             S = (_l2rows(tf_q @ sp.diags(idf)) @ _l2rows(tf_db @ sp.diags(idf)).T).toarray()
             results[p].append(("tf-idf BoW 8k (8192-D sparse)", evaluate(np.argsort(-S, axis=1, kind="stable").T, d.gnd)))
+    for p in ds:
         for n, r in results[p]:
             print(f"[{p}] {row(n, r)}", flush=True)
     extra["bytes_float32"] = index.bytes_per_image
@@ -178,25 +203,26 @@ def eval_config(name, args, repo, train, ds, sets):
     extra["config"] = {"iterations": cfg.iterations, "max_descriptors": cfg.max_descriptors, "bow_dim": enc.bundle.dim,
                        "db_images": int(Bdb.shape[0])}
     out = {p: [[n, {k: r[k] for k in ("easy", "medium", "hard")}] for n, r in results[p]] for p in ds}
-    with open(os.path.join(args.cache, f"res-{name}.json"), "w") as fh:
+    with open(os.path.join(args.cache, f"res-{name}{suffix}.json"), "w") as fh:
         json.dump({"results": out, "extra": extra}, fh, indent=1)
 
 
 def report(args):
-    head = f"{'method (128-D unless said)':<34} {'E':>6} {'M':>6} {'H':>6}   {'mP@1M':>6} {'mP@5M':>6}"
+    head = f"{'method (128-D unless said)':<46} {'E':>6} {'M':>6} {'H':>6}   {'mP@1M':>6} {'mP@5M':>6}"
     res = {}
     for name in CONFIGS:
-        f = os.path.join(args.cache, f"res-{name}.json")
-        if os.path.exists(f):
-            with open(f) as fh:
-                res[name] = json.load(fh)
+        for suffix in ("", "-crops"):
+            f = os.path.join(args.cache, f"res-{name}{suffix}.json")
+            if os.path.exists(f):
+                with open(f) as fh:
+                    res[name + suffix] = json.load(fh)
     for p in ("crop", "full"):
         print(f"\nlandmarks-dev, {p} protocol ({'gnd_landmarks-dev-crop.json' if p == 'crop' else 'gnd_landmarks-dev.json'})")
         print(head)
         print("-" * len(head))
         for name, r in res.items():
             for n, v in r["results"][p]:
-                print(f"{n:<34} {v['easy']['mAP']:6.1f} {v['medium']['mAP']:6.1f} {v['hard']['mAP']:6.1f}"
+                print(f"{n:<46} {v['easy']['mAP']:6.1f} {v['medium']['mAP']:6.1f} {v['hard']['mAP']:6.1f}"
                       f"   {v['medium']['mP'][0]:6.1f} {v['medium']['mP'][1]:6.1f}")
     print("\n" + json.dumps({n: r["extra"] for n, r in res.items()}, indent=1))
 
