@@ -189,6 +189,15 @@ def test_multiscale_descriptor_is_the_gem_of_single_scale_ones(small):
     assert np.linalg.norm(ms) == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.parametrize("arch,n_params", [("resnet18", 11_176_512), ("resnet50", 23_508_032),
+                                           ("mobilenet_v2", 2_223_872), ("vgg16", 14_714_688)])
+def test_backbones_have_torchvision_parameter_counts(arch, n_params):
+    # torchvision's totals minus the classifier (fc / classifier layers)
+    from bowretrieval.finetune.networks import count_parameters
+
+    assert count_parameters(build_network(NetworkSpec(arch)).features) == n_params
+
+
 # -- weights files ---------------------------------------------------------------------------------
 def test_torchvision_and_wrapped_key_names_load(tmp_path):
     src = build_network(NetworkSpec("resnet_tiny", 8))
