@@ -195,7 +195,9 @@ def test_backbones_have_torchvision_parameter_counts(arch, n_params):
     # torchvision's totals minus the classifier (fc / classifier layers)
     from bowretrieval.finetune.networks import count_parameters
 
-    assert count_parameters(build_network(NetworkSpec(arch)).features) == n_params
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        net = build_network(NetworkSpec(arch))
+    assert count_parameters(net.features) == n_params
 
 
 # -- weights files ---------------------------------------------------------------------------------
