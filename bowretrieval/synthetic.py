@@ -688,8 +688,8 @@ def generate(out_dir, seed: int = 0, n_landmarks: int = 6, views_per_landmark: i
         if old == pdict and os.path.exists(paths.gnd_json):
             return paths
         if not overwrite:
-            raise DataError(f"{out_dir}: holds a generated dataset with other parameters; "
-                            "pass overwrite=True (--overwrite) or choose another folder")
+            raise DataError(f"{out_dir}: holds a generated dataset with other parameters; choose another "
+                            "folder or delete this one (features computed from it would be stale)")
     elif os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise DataError(f"{out_dir}: folder is not empty; choose an empty or new folder")
     TextureSource(texture_dir, n_reserved=n_landmarks)  # fail early on an empty texture folder
