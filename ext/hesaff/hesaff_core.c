@@ -170,8 +170,9 @@ int hs_detect_octave(const float *const *L, int w, int h, float pd, int octave, 
         return -1;
     }
     const float step = powf(2.0f, 1.0f / HS_LEVELS_PER_OCTAVE);
-    /* small octaves run on one thread: a parallel region would cost more than the work */
-    if (npix < 200000) threads = 1;
+    /* octaves below a megapixel run on one thread: the parallel regions cost more than they
+     * save there, and between them (serial refinement) an idle OpenMP worker spins */
+    if (npix < (size_t)1 << 20) threads = 1;
     for (int k = 0; k < 5; k++)
         hessian_response(L[k], w, h, p->initial_sigma * powf(step, (float)k), R + k * npix, threads);
     const float final_thr = p->threshold * p->threshold;
