@@ -43,18 +43,19 @@ def build(kind, n_images, words, chunk, s, seed):
     rng = np.random.default_rng(seed)
     cdf, perm = zipf_cdf(s, rng)
     ivf = InvertedFile(N_WORDS, kind)
-    t0 = time.perf_counter()
-    gen_s = 0.0
+    t0, c0 = time.perf_counter(), time.process_time()
+    gen_s = gen_c = 0.0
     for lo in range(0, n_images, chunk):
         n = min(chunk, n_images - lo)
-        tg = time.perf_counter()
+        tg, cg = time.perf_counter(), time.process_time()
         w, im = gen_images(n, words, cdf, perm, rng)
         sig = rng.integers(0, 2**64, (len(w), 2), dtype=np.uint64) if kind != "bow" else None
         gen_s += time.perf_counter() - tg
+        gen_c += time.process_time() - cg
         ivf.add(w, im, sig, n_images=n)
         del w, im, sig
     ivf.compact()
-    return ivf, time.perf_counter() - t0 - gen_s, (cdf, perm)
+    return ivf, (time.perf_counter() - t0 - gen_s, time.process_time() - c0 - gen_c), (cdf, perm)
 
 
 def queries(n, words, cdf, perm, kind, seed):
@@ -67,20 +68,21 @@ def queries(n, words, cdf, perm, kind, seed):
     return out
 
 
-def latency(ivf, qs, threads, top=100, repeat=1):
-    """Seconds per query, single queries one after another (threads split nothing then) and, for
-    threads > 1, a batch of queries scored in parallel (throughput latency per query)."""
+def latency(ivf, qs, threads, top=100):
+    """(wall, CPU) seconds per query. 1 thread: queries one after another, CPU = the thread's CPU
+    time. 2 threads: the batch scored in parallel (one query per thread), CPU = process CPU / 2,
+    i.e. the wall time the batch would take on two otherwise idle cores."""
     ivf.threads = threads
     ivf.search(qs[:2], top)  # warm pages
-    t0 = time.perf_counter()
+    t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
     if threads == 1:
-        for _ in range(repeat):
-            for q in qs:
-                ivf.search([q], top)
+        for q in qs:
+            ivf.search([q], top)
     else:
-        for _ in range(repeat):
-            ivf.search(qs, top)
-    return (time.perf_counter() - t0) / (len(qs) * repeat)
+        ivf.search(qs, top)
+    wall = (time.perf_counter() - t0) / len(qs)
+    cpu = (time.thread_time() - c0) if threads == 1 else (time.process_time() - p0) / threads
+    return wall, cpu / len(qs)
 
 
 def scanned(ivf, qs):
@@ -126,12 +128,14 @@ def main(argv=None):
             shutil.rmtree(path, ignore_errors=True)
     print(f"\nZipf s={a.zipf} over {N_WORDS} words, ~{a.words} distinct words per image, {a.queries} queries "
           f"of ~{a.words} words, top 100; uniform random 128-bit signatures; chunks of {a.chunk} images")
+    print("times: CPU seconds (wall seconds on the shared machine in brackets)")
     print("| kind | images | words/img | entries | build s | save s | B/entry postings | B/entry all arrays "
           "| open s | entries scanned/query | query s 1 thread | query s 2 threads (batch) | df imbalance |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]:,} | {r[2]:.0f} | {r[3]:,} | {r[4]:.1f} | {r[5]:.1f} | {r[6]:.2f} | {r[7]:.2f} "
-              f"| {r[8]:.4f} | {r[9]:,.0f} | {r[10]:.4f} | {r[11]:.4f} | {r[12]:.2f} |")
+        print(f"| {r[0]} | {r[1]:,} | {r[2]:.0f} | {r[3]:,} | {r[4][1]:.1f} ({r[4][0]:.1f}) | {r[5]:.1f} | {r[6]:.2f} "
+              f"| {r[7]:.2f} | {r[8]:.4f} | {r[9]:,.0f} | {r[10][1]:.4f} ({r[10][0]:.4f}) "
+              f"| {r[11][1]:.4f} ({r[11][0]:.4f}) | {r[12]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from bench_asmk_parity import cached_words
 from bowretrieval import asmk
 from bowretrieval.featurestore import FeatureStore
 from bowretrieval.paths import shared_data_dir
@@ -38,6 +39,7 @@ def main(argv=None):
     ap.add_argument("--queries", nargs="+", required=True, help="protocol=store.h5 (protocols: crop, full)")
     ap.add_argument("--methods", nargs="+", default=["bow", "smk", "asmk", "hqe"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--db-words", default=None, help="cache file (.npz) of the database word assignment")
     a = ap.parse_args(argv)
     root = os.path.join(shared_data_dir(), "landmarks-dev")
     voc = Vocabulary.load(a.vocab)
@@ -46,22 +48,26 @@ def main(argv=None):
     db, extractor = read(a.db, gnd0["imlist"])
     print(f"extractor {extractor}, RootSIFT, {voc.n_words} words learned on train-photos; "
           f"{len(db)} database images, {sum(map(len, db))} features; {a.threads} thread(s)", flush=True)
+    # words are assigned once (exact, nearest first) and shared by the methods
+    db_words = cached_words(voc, db, 1, a.db_words)
     dbs = {}
     for m in a.methods:
         t0 = time.perf_counter()
-        dbs[m] = (asmk.build(cb, db, m, threads=a.threads), time.perf_counter() - t0)
+        dbs[m] = (asmk.build(cb, db, m, threads=a.threads, words=db_words), time.perf_counter() - t0)
     rows = []
     for spec in a.queries:
         proto, path = spec.split("=", 1)
         gnd = load_gnd(os.path.join(root, GND[proto]))
         qs, _ = read(path, [f"{i:05d}:{n}" for i, n in enumerate(gnd["qimlist"])])
+        kmax = max(dbs[m][0].params.query_ma for m in a.methods)
+        q_words = [voc.assign(q, kmax) if len(q) else np.zeros((0, kmax), np.int32) for q in qs]
         for m in a.methods:
             d, build_s = dbs[m]
-            res = d.query(qs, top=None)
+            res = d.query(qs, top=None, words=[w[:, :d.params.query_ma] for w in q_words])
             e = evaluate(res.ids.T, gnd["gnd"], (1, 5, 10))
             rows.append((proto, m, d.params.query_ma, e, res.seconds_per_query, build_s))
             print(f"{proto} {m}: M {e['medium']['mAP']:.2f} H {e['hard']['mAP']:.2f}", flush=True)
-    print("\n| protocol | method | query MA | mAP E | mAP M | mAP H | mP@10 E | mP@10 M | mP@10 H | s/query | build s |")
+    print("\n| protocol | method | query MA | mAP E | mAP M | mAP H | mP@10 E | mP@10 M | mP@10 H | s/query (words given) | build s (words given) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for proto, m, qma, e, sq, b in rows:
         print(f"| {proto} | {m} | {qma} | {e['easy']['mAP']:.2f} | {e['medium']['mAP']:.2f} | {e['hard']['mAP']:.2f} | "
