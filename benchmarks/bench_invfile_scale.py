@@ -33,10 +33,11 @@ def zipf_cdf(s: float, rng) -> tuple[np.ndarray, np.ndarray]:
 def gen_images(n_img, words, cdf, perm, rng):
     """(words int32, image int64) of n_img images, sorted by image then word, distinct per image."""
     draws = int(words * 1.03)
-    w = perm[np.minimum(np.searchsorted(cdf, rng.random(n_img * draws)), N_WORDS - 1)]
-    key = np.repeat(np.arange(n_img, dtype=np.int64), draws) * N_WORDS + w
-    key = np.unique(key)
-    return (key % N_WORDS).astype(np.int32), key // N_WORDS
+    w = perm[np.minimum(np.searchsorted(cdf, rng.random(n_img * draws)), N_WORDS - 1)].reshape(n_img, draws)
+    w.sort(axis=1)
+    keep = np.ones(w.shape, bool)
+    keep[:, 1:] = w[:, 1:] != w[:, :-1]
+    return w[keep], np.repeat(np.arange(n_img, dtype=np.int64), keep.sum(1))
 
 
 def build(kind, n_images, words, chunk, s, seed):
