@@ -200,6 +200,7 @@ class MethodParams:
     hqe_top: int = 100         # HQE: images inspected for reliability
     hqe_min_matches: int = 5   # HQE: reliable correspondences that make an image reliable
     hqe_min_images: int = 2    # HQE: a new word joins the query when in >= this many reliable images
+    hqe_word_fraction: float = 0.5  # HQE: ... and in >= this fraction of the reliable images
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -346,9 +347,8 @@ class Database:
 
     def _hqe(self, queries, top):
         """Tolias & Jegou 2014: query, find reliable images among the top ``hqe_top`` (>= min_matches
-        correspondences at Hamming distance <= strict_ht), collect their features in the query's
-        words and in words seen in >= min_images reliable images, majority-vote one signature per
-        word, query again."""
+        correspondences at Hamming distance <= strict_ht), add the words frequent among them with one
+        majority-vote signature each to the query, query again."""
         p, ivf = self.params, self.ivf
         ivf.threads = self.threads
         first_ids, _ = ivf.search(queries, max(top, min(p.hqe_top, self.n_images)))
@@ -370,28 +370,35 @@ class Database:
         return ids, scores
 
     def _hqe_expand(self, qw, qs, reliable):
+        """The query's own entries plus, for every word not in the query that is present in at least
+        max(hqe_min_images, hqe_word_fraction * |reliable|) reliable images, one signature: the bitwise
+        majority vote (ties -> 0) of the reliable images' features in that word."""
         p, ivf = self.params, self.ivf
-        W, S, I = [qw], [qs], [np.full(len(qw), -1, np.int64)]
+        if not len(reliable):
+            return qw, qs
+        W, S, I = [], [], []
         for d in reliable:
             pos, words = ivf.entries_of(int(d), self.image_words(int(d)))
             W.append(words); S.append(np.asarray(ivf.payload_)[pos]); I.append(np.full(len(pos), d, np.int64))
         W, S, I = np.concatenate(W), np.concatenate(S), np.concatenate(I)
-        # words kept: the query's, and those present in >= min_images reliable images
-        pairs = np.unique(np.stack([W[I >= 0], I[I >= 0]], 1), axis=0) if (I >= 0).any() else np.zeros((0, 2), np.int64)
-        votes = np.bincount(pairs[:, 0], minlength=ivf.n_words) if len(pairs) else np.zeros(ivf.n_words, int)
-        keep = np.zeros(ivf.n_words, bool)
-        keep[qw] = True
-        keep |= votes >= p.hqe_min_images
+        pairs = np.unique(np.stack([W.astype(np.int64), I], 1), axis=0)
+        votes = np.bincount(pairs[:, 0], minlength=ivf.n_words)
+        need = max(p.hqe_min_images, int(np.ceil(p.hqe_word_fraction * len(reliable))))
+        keep = votes >= need
+        keep[qw] = False
         sel = keep[W]
         W, S = W[sel], S[sel]
+        if not len(W):
+            return qw, qs
         o = np.argsort(W, kind="stable")
         W, S = W[o], S[o]
         uw, start, cnt = np.unique(W, return_index=True, return_counts=True)
         bits = np.unpackbits(S.view(np.uint8), axis=1).astype(np.int32)
-        sums = np.add.reduceat(bits, start, axis=0) if len(W) else np.zeros((0, 128), np.int32)
-        vote = (2 * sums > cnt[:, None]).astype(np.uint8)  # bitwise majority; ties -> 0
-        sig = np.packbits(vote, axis=1).view(np.uint64).reshape(-1, 2) if len(uw) else np.zeros((0, 2), np.uint64)
-        return uw.astype(np.int32), np.ascontiguousarray(sig)
+        sums = np.add.reduceat(bits, start, axis=0)
+        vote = (2 * sums > cnt[:, None]).astype(np.uint8)
+        sig = np.packbits(vote, axis=1).view(np.uint64).reshape(-1, 2)
+        return (np.concatenate([qw, uw.astype(np.int32)]),
+                np.ascontiguousarray(np.concatenate([qs, sig])))
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path) -> str:

@@ -84,19 +84,21 @@ def test_asmk_scores_equal_dense_formula(world):
     np.testing.assert_allclose(res.scores[0], ref[res.ids[0]], rtol=1e-4, atol=1e-6)
 
 
-def test_hqe_expansion_majority_votes_signatures_and_adds_shared_words(world):
+def test_hqe_expansion_adds_frequent_reliable_words_with_majority_signatures(world):
     _, _, cb, db, _ = world
-    d = asmk.build(cb, db, method="hqe", hqe_min_images=2)
+    d = asmk.build(cb, db, method="hqe", hqe_min_images=2, hqe_word_fraction=0.5)
     ivf = d.ivf
     qw = np.array([1], np.int32)
     qs = np.zeros((1, 2), np.uint64)
-    words_by_img = [set(d.image_words(i)[:, 0].tolist()) for i in (0, 1, 2)]
-    shared = (words_by_img[0] & words_by_img[1]) - {1}
-    new_w, new_s = d._hqe_expand(qw, qs, np.array([0, 1, 2]))
-    assert 1 in new_w.tolist() and shared <= set(new_w.tolist())
-    for word, sig in zip(new_w, new_s):  # the majority of the voters' bits
-        voters = [qs[0]] if word == 1 else []
-        for i in (0, 1, 2):
+    imgs = (0, 1, 2)
+    words_by_img = [set(d.image_words(i)[:, 0].tolist()) for i in imgs]
+    frequent = {w for w in range(32) if sum(w in s for s in words_by_img) >= 2} - {1}
+    new_w, new_s = d._hqe_expand(qw, qs, np.array(imgs))
+    assert new_w[0] == 1 and (new_s[0] == 0).all()  # the query's own entries come first, unchanged
+    assert set(new_w[1:].tolist()) == frequent and len(frequent) > 0
+    for word, sig in zip(new_w[1:], new_s[1:]):  # the majority of the reliable images' bits
+        voters = []
+        for i in imgs:
             pos, ww = ivf.entries_of(i, d.image_words(i))
             voters += list(np.asarray(ivf.payload_)[pos[ww == word]])
         bits = np.unpackbits(np.array(voters).view(np.uint8), axis=1)
