@@ -292,3 +292,23 @@ def test_very_sparse_input_takes_the_sparse_gram_path_with_the_same_result():
     a = PCAWhitening(10, method="dual").fit(X)
     b = PCAWhitening(10, method="dual").fit(X.toarray())
     np.testing.assert_allclose(a.explained_variance_, b.explained_variance_, rtol=1e-8)
+
+
+def test_real_photos_retrieve_themselves(shared_data):
+    """Integration: OpenCV SIFT of a few train photos, a two-member bundle, 128-D -> 4-D whitening."""
+    from bowretrieval.features import get_extractor
+    from bowretrieval.imageio import list_images, load_gray
+
+    paths = list_images(shared_data / "train-photos")[:8]
+    if len(paths) < 8:
+        pytest.skip("train-photos has fewer than 8 photos")
+    sift = get_extractor("sift")
+    descs = [sift.extract(load_gray(p, max_side=400).gray).descriptors for p in paths]
+    cfg = dict(name="real", iterations=5, short_dims=4, members=[
+        dict(name="root", descriptor="rootsift", sizes=[64, 16], seed=1),
+        dict(name="b06", descriptor="power", beta=0.6, sizes=[32], seed=2)])
+    enc = ShortVectorEncoder(MultiVocabulary(cfg)).fit(descs)
+    V = enc.transform(descs)
+    np.testing.assert_allclose(np.linalg.norm(V, axis=1), 1, atol=1e-5)
+    ids, _ = ShortVectorIndex().fit(V).search(V, top=1)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(8))
