@@ -3,7 +3,7 @@
 Methods (one vocabulary, one feature set, the same queries):
   BoW            tf-idf cosine                     BoW+SP       + re-rank the top 100 (>= 10 inliers)
   BoW+SP+QE      + average query expansion from verified images, re-query, re-rank again
-  ASMK*          (query MA 5)                      ASMK*+SP     + re-rank the top 100 (>= 10 inliers;
+  ASMK*          (query MA 5)                      ASMK*+SP     + re-rank the top 100 (>= 15 inliers;
                                                                  --sweep-min-inliers shows 5..10)
   ASMK*+SP+QE    + the verified images' features mapped into the query region, aggregated with the
                  query's, re-query, re-rank
@@ -88,7 +88,7 @@ def main(argv=None):
     ap.add_argument("--extractor", default="sift", help="registered extractor (default parameters)")
     ap.add_argument("--threshold", type=float, default=12.0, help="inlier threshold, px at 1024 px")
     ap.add_argument("--match-ma", type=int, default=3, help="query multiple assignment of correspondences")
-    ap.add_argument("--min-inliers", type=int, default=0, help="0: rerank.DEFAULT_MIN_INLIERS (10)")
+    ap.add_argument("--min-inliers", type=int, default=0, help="0: rerank.DEFAULT_MIN_INLIERS (10 bow, 15 asmk/hqe)")
     ap.add_argument("--top", type=int, default=100, help="images verified per query")
     ap.add_argument("--qe-images", type=int, default=50)
     ap.add_argument("--sweep-min-inliers", default="5,8,10,15",
@@ -227,7 +227,7 @@ def main(argv=None):
         for r in results.values():
             r.pop("per_query", None)
         all_results[proto] = results
-        out = args.out or os.path.join(args.work, f"sp-results-{proto}.json")
+        out = args.out.replace(".json", f"-{proto}.json") if args.out else os.path.join(args.work, f"sp-results-{proto}.json")
         with open(out + ".tmp", "w") as fh:
             json.dump(dict(results=results, args=vars(args), verifier=verifier.get_params()), fh, indent=1)
         os.replace(out + ".tmp", out)

@@ -58,7 +58,7 @@ class VerifyConfig:
     top: int = _f(100, "results verified per query")
     threshold: float = _f(12.0, "inlier transfer error in pixels for a database image of reference_side pixels")
     reference_side: int = _f(1024, "threshold scales with the database image's longest side over this (0: absolute)")
-    min_inliers: int = _f(0, "inliers that make an image verified (0: the measured default, 10; see docs)")
+    min_inliers: int = _f(0, "inliers that make an image verified (0: measured defaults, 10 after bow, 15 after smk/asmk/hqe)")
     max_hypotheses: int = _f(300, "affine hypotheses (single correspondences) scored per image pair (0: all)")
     homography: bool = _f(True, "upgrade the best affine model to a homography when that gains inliers")
     max_scale_change: float = _f(2.0, "an inlier's frames must agree with the model's local scale within this factor (0: off)")
