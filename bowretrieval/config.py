@@ -88,6 +88,12 @@ class ExperimentConfig:
 def _type_ok(value, tp) -> bool:
     origin = typing.get_origin(tp)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                float(value)
+                return value.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity")
+            except ValueError:
+                return False
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)

@@ -64,7 +64,9 @@ def compute_map(ranks, gnd, kappas=(1, 5, 10)):
             kq = min(max(pos), k) if len(pos) else k
             prs[i, j] = (pos <= kq).sum() / kq
         pr += prs[i, :]
-    n = max(nq - nempty, 1)
+    if nq == nempty:  # no query has a positive under this protocol: nothing to average
+        return float("nan"), aps, np.full(len(kappas), np.nan), prs
+    n = nq - nempty
     return mean_ap / n, aps, pr / n, prs
 
 

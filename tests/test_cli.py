@@ -62,3 +62,13 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     assert main(["search", str(idx), str(imgs / "a2.png"), "--top", "1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res[0]["top"] == ["a2.png"]
+
+
+def test_set_accepts_exponent_floats_and_rejects_words():
+    from bowretrieval.config import ExperimentConfig, apply_overrides
+    from bowretrieval.errors import ConfigError
+
+    cfg = apply_overrides(ExperimentConfig(), ["search.alpha=1e-3"])
+    assert cfg.search.alpha == pytest.approx(1e-3) and isinstance(cfg.search.alpha, float)
+    with pytest.raises(ConfigError, match="search.alpha"):
+        apply_overrides(ExperimentConfig(), ["search.alpha=fast"])

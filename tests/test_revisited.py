@@ -49,3 +49,10 @@ def test_malformed_ground_truth_names_file_and_field(tmp_path):
     p.write_text(json.dumps({"imlist": ["a"], "gnd": []}))
     with pytest.raises(DataError, match="qimlist"):
         load_gnd(p)
+
+
+def test_protocol_without_any_positive_is_nan_not_zero():
+    ranks = np.array([[0], [1]])
+    r = evaluate(ranks, [{"easy": [0], "hard": [], "junk": []}])
+    assert r["easy"]["mAP"] == pytest.approx(100.0)
+    assert np.isnan(r["hard"]["mAP"])
