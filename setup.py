@@ -59,7 +59,10 @@ def extensions():
 
 packages = find_packages(include=["bowretrieval", "bowretrieval.*"])
 setup(
-    packages=packages + ["bowretrieval.sfm"],
-    package_dir={"bowretrieval.sfm": "sfm"},
+    # sfm/ and configs/ live at the top of the source tree and are installed inside the package;
+    # configs ship as data (bowretrieval/configs/*.yaml) so `--config NAME.yaml` works after pip install
+    packages=packages + ["bowretrieval.sfm", "bowretrieval.configs"],
+    package_dir={"bowretrieval.sfm": "sfm", "bowretrieval.configs": "configs"},
+    package_data={"bowretrieval.configs": ["*.yaml"]},
     ext_modules=extensions(),
 )

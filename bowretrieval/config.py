@@ -130,9 +130,25 @@ def from_dict(cls, data, source="<config>", prefix=""):
     return cls(**kwargs)
 
 
-def load_config(path, cls=ExperimentConfig):
-    """Read a YAML file into ``cls`` (ConfigError on malformed YAML or unknown keys)."""
+def resolve_config_path(path) -> str:
+    """``path`` itself when it exists; otherwise the shipped config of that name (``configs/`` of the
+    source tree, installed as ``bowretrieval/configs``), so ``--config mrootsift.yaml`` works anywhere."""
     path = os.fspath(path)
+    if os.path.exists(path):
+        return path
+    name = os.path.basename(path)
+    here = os.path.dirname(os.path.abspath(__file__))
+    for d in (os.path.join(here, "configs"), os.path.join(os.path.dirname(here), "configs")):
+        cand = os.path.join(d, name)
+        if os.path.isfile(cand):
+            return cand
+    return path
+
+
+def load_config(path, cls=ExperimentConfig):
+    """Read a YAML file into ``cls`` (ConfigError on malformed YAML or unknown keys); a name that is
+    not a file is looked up among the shipped configs (``resolve_config_path``)."""
+    path = resolve_config_path(path)
     try:
         with open(path) as fh:
             data = yaml.safe_load(fh)

@@ -105,8 +105,10 @@ def is_bundle_config(path) -> bool:
     """True when a YAML file describes a vocabulary bundle (has a top-level 'members' list)."""
     import yaml
 
+    from .config import resolve_config_path
+
     try:
-        with open(path) as fh:
+        with open(resolve_config_path(path)) as fh:
             data = yaml.safe_load(fh)
     except (OSError, yaml.YAMLError):
         return False

@@ -72,3 +72,11 @@ def test_set_accepts_exponent_floats_and_rejects_words():
     assert cfg.search.alpha == pytest.approx(1e-3) and isinstance(cfg.search.alpha, float)
     with pytest.raises(ConfigError, match="search.alpha"):
         apply_overrides(ExperimentConfig(), ["search.alpha=fast"])
+
+
+def test_shipped_configs_load_by_name_from_anywhere(tmp_path, monkeypatch):
+    from bowretrieval.config import load_config
+
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here
+    cfg = load_config("baseline.yaml")
+    assert cfg.extract.extractor == "sift" and cfg.vocab.size == 16384
