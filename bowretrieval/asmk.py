@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ._ext import invfile as _k
 from .errors import DataError, IndexFormatError, NotFittedError
 from .invfile import InvertedFile, read_index_dir, write_index_dir
+from .npzio import json_array, save_npz_atomic
 from .vocabulary import Vocabulary, check_descriptors
 
 METHODS = ("bow", "smk", "asmk", "hqe")
@@ -149,13 +150,10 @@ class Codebook:
     def save(self, path) -> str:
         self._check()
         path = os.fspath(path)
-        tmp = path + ".tmp.npz"
         meta = dict(format="bowretrieval.codebook/1", params=self.get_params(),
                     vocabulary=self.vocabulary_.get_params())
-        np.savez(tmp, centroids=self.centroids_, projection=self.projection_, medians=self.medians_,
-                 meta=np.array(json.dumps(meta)))
-        os.replace(tmp, path)
-        return path
+        return save_npz_atomic(path, centroids=self.centroids_, projection=self.projection_, medians=self.medians_,
+                               meta=json_array(meta))
 
     @classmethod
     def load(cls, path) -> "Codebook":
@@ -223,11 +221,8 @@ class QueryResult:
 
     def save(self, path) -> str:
         path = os.fspath(path)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, ids=self.ids, scores=self.scores,
-                 meta=np.array(json.dumps(dict(self.meta, seconds_per_query=self.seconds_per_query))))
-        os.replace(tmp, path)
-        return path
+        return save_npz_atomic(path, ids=self.ids, scores=self.scores,
+                               meta=json_array(dict(self.meta, seconds_per_query=self.seconds_per_query)))
 
     @classmethod
     def load(cls, path) -> "QueryResult":

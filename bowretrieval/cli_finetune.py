@@ -106,9 +106,10 @@ def cmd_extract(args) -> int:
     if args.whitening:
         X = load_whitening(args.whitening).transform(X)
     ok = np.array([p not in failed for p in paths])
-    tmp = args.out + ".tmp.npz"
-    np.savez(tmp, descriptors=X[ok], names=np.array([os.path.basename(p) for p, k in zip(paths, ok) if k]))
-    os.replace(tmp, args.out)
+    from .npzio import save_npz_atomic
+
+    save_npz_atomic(args.out, descriptors=X[ok],
+                    names=np.array([os.path.basename(p) for p, k in zip(paths, ok) if k]))
     print(f"{args.out}: {int(ok.sum())} descriptors of dimension {X.shape[1]}")
     for p, why in sorted(failed.items()):
         print(f"  skipped {p}: {why}")

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .config import _f, from_dict, load_config, to_dict
 from .descriptors import VARIANTS, transform
 from .errors import ConfigError, DataError, NotFittedError
+from .npzio import json_array, save_npz_atomic
 from .vocabulary import Vocabulary, check_descriptors
 
 FORMAT = "bowretrieval.multivocab/1"
@@ -414,10 +415,7 @@ def save_states(path, **states) -> str:
         header[comp] = st["meta"]
         for k, a in st["arrays"].items():
             arrays[f"{comp}/{k}"] = a
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, header=np.array(json.dumps(header)), **arrays)
-    os.replace(tmp, path)
-    return path
+    return save_npz_atomic(path, header=json_array(header), **arrays)
 
 
 def load_states(path) -> dict:

@@ -13,6 +13,7 @@ import numpy as np
 
 from .descriptors import VARIANTS, transform
 from .errors import ConfigError, DataError, NotFittedError
+from .npzio import json_array, save_npz_atomic
 
 COMMON_DIMS = (80, 64, 48, 32)
 FORMAT = "bowretrieval.pcasift/1"
@@ -95,12 +96,9 @@ class PCASift:
         path = os.fspath(path)
         if not path.endswith(".npz"):
             path += ".npz"
-        tmp = path + ".tmp.npz"
         meta = dict(params=self.get_params(), n_training=self.n_training_, format=FORMAT)
-        np.savez(tmp, mean=self.mean_, components=self.components_, variance=self.explained_variance_,
-                 variance_ratio=self.explained_variance_ratio_, meta=np.array(json.dumps(meta)))
-        os.replace(tmp, path)
-        return path
+        return save_npz_atomic(path, mean=self.mean_, components=self.components_, variance=self.explained_variance_,
+                               variance_ratio=self.explained_variance_ratio_, meta=json_array(meta))
 
     @classmethod
     def load(cls, path) -> "PCASift":

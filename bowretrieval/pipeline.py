@@ -21,6 +21,7 @@ from .errors import BowRetrievalError, DataError, FeatureStoreError
 from .extract import ExtractJob, extract_to_store, jobs_from_paths
 from .featurestore import FeatureStore
 from .imageio import list_images
+from .npzio import save_npz_atomic
 from .revisited import RevisitedDataset, evaluate, format_table
 from .vocabulary import Vocabulary
 
@@ -110,9 +111,9 @@ def save_index_dir(out_dir, index: BowIndex, names, voc: Vocabulary, scfg, vcfg,
             "features": os.path.abspath(features) if features else None}
     if getattr(index, "feature_words_", None) is not None:  # BoW: keep the words for verification
         fw = [np.asarray(w, np.int32).reshape(len(w), -1) for w in index.feature_words_]
-        np.savez(os.path.join(out_dir, "words.tmp.npz"), words=np.concatenate(fw) if fw else np.zeros((0, 1), np.int32),
-                 indptr=np.concatenate([[0], np.cumsum([len(w) for w in fw])]).astype(np.int64))
-        os.replace(os.path.join(out_dir, "words.tmp.npz"), os.path.join(out_dir, "words.npz"))
+        save_npz_atomic(os.path.join(out_dir, "words.npz"),
+                        words=np.concatenate(fw) if fw else np.zeros((0, 1), np.int32),
+                        indptr=np.concatenate([[0], np.cumsum([len(w) for w in fw])]).astype(np.int64))
     with open(tmp, "w") as fh:
         json.dump(meta, fh)
     os.replace(tmp, os.path.join(out_dir, "names.json"))

@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from .errors import DataError, NotFittedError
+from .npzio import json_array, save_npz_atomic
 
 EXACT_MAX_WORDS = 65536  # flat search up to here; HNSW above unless asked otherwise
 
@@ -159,12 +160,9 @@ class Vocabulary:
         path = os.fspath(path)
         if not path.endswith(".npz"):
             path += ".npz"
-        tmp = path + ".tmp.npz"
         meta = dict(params=self.get_params(), inertia=getattr(self, "inertia_", None),
                     n_training=getattr(self, "n_training_", None), format="bowretrieval.vocabulary/1")
-        np.savez(tmp, centroids=self.centroids_, meta=np.array(json.dumps(meta)))
-        os.replace(tmp, path)
-        return path
+        return save_npz_atomic(path, centroids=self.centroids_, meta=json_array(meta))
 
     @classmethod
     def load(cls, path) -> "Vocabulary":

@@ -33,6 +33,7 @@ from bowretrieval.config import save_config, to_dict
 from bowretrieval.errors import ConfigError, DataError
 from bowretrieval.extract import extract_to_store, jobs_from_paths
 from bowretrieval.features import get_extractor
+from bowretrieval.npzio import save_npz_atomic
 from bowretrieval.featurestore import FeatureStore
 from bowretrieval.imageio import list_images
 from bowretrieval.vocabulary import Vocabulary
@@ -232,9 +233,8 @@ class Miner:
                                                                unit="img")]
             indptr = np.concatenate([[0], np.cumsum([len(w) for w in self.words])]).astype(np.int64)
             flat = np.concatenate(self.words) if self.words else np.zeros(0, np.int32)
-            tmp = words_f + ".tmp.npz"
-            np.savez(tmp, names=np.array(self.names, dtype=str), indptr=indptr, words=flat, n_words=n_words)
-            os.replace(tmp, words_f)
+            save_npz_atomic(words_f, names=np.array(self.names, dtype=str), indptr=indptr, words=flat,
+                            n_words=n_words)
         self.n_words = n_words
         self.index = BowIndex(n_words, threads=self.cfg.threads).fit(self.words)
 

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from ..errors import DataError, NotFittedError
+from ..npzio import json_array, save_npz_atomic
 from ..whitening import PCAWhitening
 
 
@@ -86,9 +87,7 @@ def save_whitening(path, est):
         st = est.state_dict()
         arrays = {k: v for k, v in st.items() if k != "meta"}
         meta = {"kind": "pcaw", "meta": st["meta"]}
-    tmp = os.fspath(path) + ".tmp.npz"
-    np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
-    os.replace(tmp, path)
+    save_npz_atomic(path, meta=json_array(meta), **arrays)
 
 
 def load_whitening(path):
