@@ -58,6 +58,10 @@ class Vocabulary:
         self.hnsw_m = int(hnsw_m)
         self.hnsw_ef_search = int(hnsw_ef_search)
         self.threads = int(threads)
+        # exact search engine: 'auto' = bowretrieval.knn (int8-screened exact search) where the CPU
+        # has AVX-512 VNNI and k <= knn.MAX_K, faiss's flat search otherwise; 'faiss' forces faiss.
+        # A run-time choice, not saved with the vocabulary (environment: BOWR_EXACT_KERNEL).
+        self.exact_kernel = os.environ.get("BOWR_EXACT_KERNEL", "auto")
         self._index = None
 
     # -- learning -----------------------------------------------------------------------------
@@ -122,6 +126,19 @@ class Vocabulary:
             self._index = index
         return self._index
 
+    def _get_knn(self, k: int):
+        """The int8-screened exact search (bowretrieval.knn) when it applies, else None."""
+        if self.exact_kernel not in ("auto", "faiss"):
+            raise DataError(f"Vocabulary.exact_kernel must be 'auto' or 'faiss', got {self.exact_kernel!r}")
+        from . import knn as _knn
+
+        if self.exact_kernel == "faiss" or k > _knn.MAX_K or not _knn.available():
+            return None
+        if getattr(self, "_knn", None) is None or self._knn_src is not self.centroids_:
+            self._knn, self._knn_src = _knn.ExactKnn(self.centroids_), self.centroids_
+        self._knn.threads = self.threads if self.threads > 0 else (os.cpu_count() or 1)
+        return self._knn
+
     def assign(self, X, k: int = 1, return_distances: bool = False):
         """Indices (N, k) int32 of the k nearest words (multiple assignment), nearest first."""
         self._check_fitted()
@@ -132,9 +149,13 @@ class Vocabulary:
         if X.shape[0] == 0:
             ids = np.zeros((0, k), np.int32)
             return (ids, np.zeros((0, k), np.float32)) if return_distances else ids
-        self._set_threads()
-        dist, ids = self._get_index().search(X, k)
-        ids = ids.astype(np.int32)
+        knn = None if self._uses_hnsw() else self._get_knn(k)
+        if knn is not None:
+            dist, ids = knn.search(X, k)
+        else:
+            self._set_threads()
+            dist, ids = self._get_index().search(X, k)
+            ids = ids.astype(np.int32)
         return (ids, dist) if return_distances else ids
 
     def assignment_recall(self, X, k: int = 1) -> float:
