@@ -145,7 +145,8 @@ class HessianAffine:
         check = max(below) if below else min(regions)
         return dict(threshold=p["threshold"], edge_ratio=p["edge_ratio"], mode=MODES.index(p["mode"]),
                     oriented=ORIENTATIONS.index(p["orientation"]), max_ori=4, check_region=float(check),
-                    shape_update=_SHAPE_UPDATE[p["mode"]])
+                    shape_update=_SHAPE_UPDATE[p["mode"]],
+                    ref_flags=_ext().REF_ALL if p["mode"] == "compat" else 0)
 
     def _run(self, img):
         h = _ext()
@@ -177,8 +178,13 @@ class HessianAffine:
         the input, then levels 0..2 of every octave) and the detected keypoints."""
         h = _ext()
         step = 2.0 ** (1.0 / LEVELS)
+        # compat: the reference program's kernels, int(6 sigma + 1) taps made odd; otherwise
+        # OpenCV's default for float images, 8 sigma + 1 taps
+        ref_k = kp_params.get("ref_flags", 0) & h.REF_PYR_KSIZE
+
         def blur(a, s):
-            return cv2.GaussianBlur(a, (0, 0), s, borderType=cv2.BORDER_REPLICATE)
+            k = (int(6.0 * s + 1.0) | 1) if ref_k else 0
+            return cv2.GaussianBlur(a, (k, k), s, borderType=cv2.BORDER_REPLICATE)
         pyramid = [(img, 1.0, INPUT_SIGMA)]
         first = blur(img, math.sqrt(INITIAL_SIGMA ** 2 - INPUT_SIGMA ** 2))
         pd, octave, found = 1.0, 0, []

@@ -32,6 +32,7 @@ cdef extern from "hesaff_core.h" nogil:
         const float *regions
         float check_region
         int shape_update
+        int ref_flags
 
     ctypedef struct hs_image:
         const float *data
@@ -53,7 +54,11 @@ cdef extern from "hesaff_core.h" nogil:
                          int threads, hs_kp **out, int *n, int *cap)
     int hs_describe(const hs_image *pyr, int n_pyr, const hs_kp *kps, int n, const hs_params *p,
                     int threads, float *frames, float *response, unsigned char *desc, int *count)
-    int hs_sift_patch(const float *patch, int patch_size, float *out)
+    int hs_sift_patch(const float *patch, int patch_size, float *out, int ref_flags)
+    enum:
+        HS_REF_PHOTO
+        HS_REF_PYR_KSIZE
+        HS_REF_ALL
 
 
 cdef void _fill_params(hs_params *p, dict d, const float *regions, int n_regions):
@@ -65,8 +70,15 @@ cdef void _fill_params(hs_params *p, dict d, const float *regions, int n_regions
     p.max_ori = d["max_ori"]
     p.check_region = d["check_region"]
     p.shape_update = d.get("shape_update", 0)
+    p.ref_flags = d.get("ref_flags", 0)
     p.regions = regions
     p.n_regions = n_regions
+
+
+# ref_flags of the `compat` mode (every detail of the reference program reproduced), and the bit the
+# Python side handles itself (pyramid blurs with the reference program's kernel sizes)
+REF_ALL = HS_REF_ALL
+REF_PYR_KSIZE = HS_REF_PYR_KSIZE
 
 
 KP_DTYPE = np.dtype([("x", np.float32), ("y", np.float32), ("s", np.float32), ("response", np.float32),
@@ -165,12 +177,15 @@ cdef int _describe(hs_image *pyr, int n_pyr, cnp.ndarray kps, dict params, const
     return status
 
 
-def sift_patch(const float[:, ::1] patch):
-    """SIFT (4x4x8, L2 / clip 0.2 / L2) of one square float32 patch; zeros when it has no gradient."""
+def sift_patch(const float[:, ::1] patch, bint photometric=False):
+    """SIFT (4x4x8, L2 / clip 0.2 / L2) of one square float32 patch; zeros when it has no gradient.
+
+    ``photometric``: normalise the patch first like the reference program (mean 128, standard
+    deviation 50 under the descriptor mask, clamped to 0..255), as the ``compat`` mode does."""
     if patch.shape[0] != patch.shape[1] or patch.shape[0] < 8:
         raise ValueError("patch must be square with side >= 8")
     out = np.zeros(128, np.float32)
     cdef float[::1] o = out
     with nogil:
-        hs_sift_patch(&patch[0, 0], patch.shape[0], &o[0])
+        hs_sift_patch(&patch[0, 0], patch.shape[0], &o[0], HS_REF_PHOTO if photometric else 0)
     return out

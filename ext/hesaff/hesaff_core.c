@@ -38,6 +38,7 @@ void hs_default_params(hs_params *p)
     p->regions = NULL;
     p->check_region = 1.0f;
     p->shape_update = 0;
+    p->ref_flags = 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -114,6 +115,8 @@ static int localize(const float *lo, const float *cu, const float *hi, int w, in
                     int *pr, int *pc, double off[3], float *val)
 {
     int r = *pr, c = *pc, nr = r, nc = c, converged = 0;
+    /* how close to the octave border the refinement may move the point */
+    const int sb = (p->ref_flags & HS_REF_SAFETY3) ? 3 : p->border;
     const double edge = (p->edge_ratio + 1.0) * (p->edge_ratio + 1.0) / p->edge_ratio;
     double v = 0.0;
     for (int iter = 0; iter < 5; iter++) {
@@ -140,16 +143,19 @@ static int localize(const float *lo, const float *cu, const float *hi, int w, in
         off[0] = b[0];
         off[1] = b[1];
         off[2] = b[2];
-        if (b[0] > 0.6) { if (c < w - p->border) nc++; else return 0; }
-        if (b[1] > 0.6) { if (r < h - p->border) nr++; else return 0; }
-        if (b[0] < -0.6) { if (c > p->border) nc--; else return 0; }
-        if (b[1] < -0.6) { if (r > p->border) nr--; else return 0; }
+        if (b[0] > 0.6) { if (c < w - sb) nc++; else return 0; }
+        if (b[1] > 0.6) { if (r < h - sb) nr++; else return 0; }
+        if (b[0] < -0.6) { if (c > sb) nc--; else return 0; }
+        if (b[1] < -0.6) { if (r > sb) nr--; else return 0; }
         if (nr == r && nc == c) {
             converged = 1;
             break;
         }
     }
-    if (!converged || fabs(off[0]) > 1.5 || fabs(off[1]) > 1.5 || fabs(off[2]) > 1.5) return 0;
+    /* the reference program also keeps a point still moving after the 5th step (it computes the
+     * convergence flag but never tests it), at its last position */
+    if (!converged && !(p->ref_flags & HS_REF_UNCONV)) return 0;
+    if (fabs(off[0]) > 1.5 || fabs(off[1]) > 1.5 || fabs(off[2]) > 1.5) return 0;
     *pr = r;
     *pc = c;
     *val = (float)v;
@@ -245,9 +251,10 @@ static inline float bilinear(const float *d, int w, int h, float x, float y)
 }
 
 /* out[j][i] = img(cx + a11 u + a12 v, cy + a21 u + a22 v), u = i - half, v = j - half.
- * Samples outside the image are clamped to its border (replicate). */
+ * Samples outside the image are clamped to its border (replicate), or are 0 with `zero` (the
+ * reference program: a sample needs its 2x2 bilinear support inside). */
 static void warp(const float *d, int w, int h, float cx, float cy, float a11, float a12, float a21, float a22,
-                 int side, float *out)
+                 int side, float *out, int zero)
 {
     const int half = side / 2;
     /* an affine map sends the window square to a parallelogram: when its corners are inside,
@@ -270,6 +277,19 @@ static void warp(const float *d, int w, int h, float cx, float cy, float a11, fl
                 out[i] = (1.0f - fy) * ((1.0f - fx) * r0[0] + fx * r0[1]) + fy * ((1.0f - fx) * r1[0] + fx * r1[1]);
             }
             out += side;
+        } else if (zero) {
+            for (int i = 0; i < side; i++) {
+                const float x = bx + a11 * (float)i, y = by + a21 * (float)i;
+                const float fx0 = floorf(x), fy0 = floorf(y);
+                if (fx0 >= 0.0f && fy0 >= 0.0f && fx0 < (float)(w - 1) && fy0 < (float)(h - 1)) {
+                    const int x0 = (int)fx0, y0 = (int)fy0;
+                    const float fx = x - fx0, fy = y - fy0;
+                    const float *r0 = d + (size_t)y0 * w + x0, *r1 = r0 + w;
+                    *out++ = (1.0f - fy) * ((1.0f - fx) * r0[0] + fx * r0[1]) + fy * ((1.0f - fx) * r1[0] + fx * r1[1]);
+                } else {
+                    *out++ = 0.0f;
+                }
+            }
         } else {
             for (int i = 0; i < side; i++)
                 *out++ = bilinear(d, w, h, bx + a11 * (float)i, by + a21 * (float)i);
@@ -291,10 +311,15 @@ static inline float fast_atan2(float y, float x)
     return y < 0.0f ? -r : r;
 }
 
-/* Separable Gaussian blur in place (clamped borders); tmp holds side*side floats. */
-static void blur_square(float *img, int side, float sigma, float *tmp)
+/* Separable Gaussian blur in place (clamped borders); tmp holds side*side floats. Radius ceil(3 sigma),
+ * or with `ref` the reference program's kernel of int(6 sigma + 1) taps made odd. */
+static void blur_square(float *img, int side, float sigma, float *tmp, int ref)
 {
     int rad = (int)ceilf(3.0f * sigma);
+    if (ref) {
+        int k = (int)(6.0f * sigma + 1.0f);
+        rad = (k | 1) / 2;
+    }
     if (rad < 1) return;
     if (rad > 63) rad = 63;
     float k[127], sum = 0.0f;
@@ -361,10 +386,30 @@ static int inside(const hs_image *im, float x, float y, const float U[4], float 
     return 1;
 }
 
+/* The reference program's border tests: the patch corners (half-side `half` x step through U) lie
+ * at least 1 px inside (floor > 0, ceil < side - 2), and, with win_half > 0, the image-resolution
+ * window (half-side win_half through U) has its bilinear support inside the image. */
+static int inside_ref(const hs_image *im, float x, float y, const float U[4], float step, int half, int win_half)
+{
+    for (int k = 0; k < 4; k++) {
+        const float su = (k & 1) ? 1.0f : -1.0f, sv = (k & 2) ? 1.0f : -1.0f;
+        const float u = su * half * step, v = sv * half * step;
+        const float px = x + U[0] * u + U[1] * v, py = y + U[2] * u + U[3] * v;
+        if (!(floorf(px) > 0.0f && floorf(py) > 0.0f && ceilf(px) < (float)(im->w - 2) && ceilf(py) < (float)(im->h - 2)))
+            return 0;
+        if (win_half > 0) {
+            const float wx = x + (U[0] * su + U[1] * sv) * win_half, wy = y + (U[2] * su + U[3] * sv) * win_half;
+            if (!(floorf(wx) >= 0.0f && floorf(wy) >= 0.0f && wx < (float)(im->w - 1) && wy < (float)(im->h - 1)))
+                return 0;
+        }
+    }
+    return 1;
+}
+
 /* Reference behaviour: warp a window at image resolution, blur it by 1.5 x the subsampling step,
  * subsample to the patch. Returns -1 when out of memory. */
 static int patch_compat(const hs_image *img, float x, float y, float radius, const float U[4], int P,
-                        float *patch, scratch *ws)
+                        float *patch, scratch *ws, int ref_flags)
 {
     const float mr = ceilf(radius);
     int side = 2 * (int)mr + 1;
@@ -373,12 +418,12 @@ static int patch_compat(const hs_image *img, float x, float y, float radius, con
         side += 2;
         float *win = scratch_get(ws, 2 * (size_t)side * side);
         if (!win) return -1;
-        warp(img->data, img->w, img->h, x, y, U[0], U[1], U[2], U[3], side, win);
-        blur_square(win, side, 1.5f * t, win + (size_t)side * side);
+        warp(img->data, img->w, img->h, x, y, U[0], U[1], U[2], U[3], side, win, 0);
+        blur_square(win, side, 1.5f * t, win + (size_t)side * side, ref_flags & HS_REF_BLURK);
         const float c = (float)(side / 2);
-        warp(win, side, side, c, c, t, 0.0f, 0.0f, t, P, patch);
+        warp(win, side, side, c, c, t, 0.0f, 0.0f, t, P, patch, 0);
     } else {
-        warp(img->data, img->w, img->h, x, y, t * U[0], t * U[1], t * U[2], t * U[3], P, patch);
+        warp(img->data, img->w, img->h, x, y, t * U[0], t * U[1], t * U[2], t * U[3], P, patch, 0);
     }
     return 0;
 }
@@ -394,7 +439,7 @@ static void patch_fast(const hs_image *pyr, int n_pyr, float x, float y, float r
         if (pyr[i].blur <= want * 1.05f && pyr[i].blur > pyr[best].blur) best = i;
     const hs_image *im = pyr + best;
     const float q = t / im->pd;
-    warp(im->data, im->w, im->h, x / im->pd, y / im->pd, q * U[0], q * U[1], q * U[2], q * U[3], P, patch);
+    warp(im->data, im->w, im->h, x / im->pd, y / im->pd, q * U[0], q * U[1], q * U[2], q * U[3], P, patch, 0);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -465,15 +510,19 @@ static int adapt_shape(const hs_image *lev, const hs_kp *kp, const hs_params *p,
     double ratio_act = 0.0, ratio_bef;
     U[0] = 1.0f; U[1] = 0.0f; U[2] = 0.0f; U[3] = 1.0f;
     for (int it = 0; it < p->max_iter; it++) {
-        warp(lev->data, lev->w, lev->h, lx, ly, ratio * U[0], ratio * U[1], ratio * U[2], ratio * U[3], S, win);
+        warp(lev->data, lev->w, lev->h, lx, ly, ratio * U[0], ratio * U[1], ratio * U[2], ratio * U[3], S, win,
+             p->ref_flags & HS_REF_SMM_ZERO);
+        /* central differences halved, one-sided at the window border; the reference program
+         * leaves the central ones undivided (its border gradients weigh half) */
+        const float ci = (p->ref_flags & HS_REF_SMM_GRAD) ? 1.0f : 0.5f;
         double a = 0.0, b = 0.0, c = 0.0;
         for (int r = 0; r < S; r++) {
             const float *row = win + r * S;
             const float *up = r > 0 ? row - S : row, *dn = r < S - 1 ? row + S : row;
-            const float sy = (r > 0 && r < S - 1) ? 0.5f : 1.0f;
+            const float sy = (r > 0 && r < S - 1) ? ci : 1.0f;
             for (int q = 0; q < S; q++) {
                 const int ql = q > 0 ? q - 1 : q, qr = q < S - 1 ? q + 1 : q;
-                const float sx = (q > 0 && q < S - 1) ? 0.5f : 1.0f;
+                const float sx = (q > 0 && q < S - 1) ? ci : 1.0f;
                 const double gx = sx * (row[qr] - row[ql]), gy = sy * (dn[q] - up[q]);
                 const double m = mask[r * S + q];
                 a += m * gx * gx;
@@ -505,7 +554,14 @@ static int adapt_shape(const hs_image *lev, const hs_kp *kp, const hs_params *p,
             U[3] = (float)(u21 * b + u22 * c);
             if (!rectify_upright(U)) return 0;
         }
-        if (anisotropy(U) > p->max_aniso) return 0;
+        if (p->ref_flags & HS_REF_ANISO_EIG) {
+            /* the reference program: ratio of the eigenvalues of U (complex ones: rejected) */
+            const double tr = (double)U[0] + U[3], det = (double)U[0] * U[3] - (double)U[1] * U[2];
+            const double disc = tr * tr - 4.0 * det;
+            if (!(disc >= 0.0)) return 0;
+            const double e1 = 0.5 * (tr + sqrt(disc)), e2 = 0.5 * (tr - sqrt(disc));
+            if (e1 / e2 > p->max_aniso || e2 / e1 > p->max_aniso) return 0;
+        } else if (anisotropy(U) > p->max_aniso) return 0;
         if (ratio_act < p->conv_thr && ratio_bef < p->conv_thr) return rectify_upright(U);
     }
     return 0;
@@ -598,12 +654,41 @@ static void sift_gradients(const sift_tables *t, const float *patch, float *mag,
     }
 }
 
-static int sift_describe(const sift_tables *t, const float *patch, float *vec)
+/* The reference program's photometric normalisation: mean 128 and standard deviation 50 over the
+ * pixels under the descriptor mask, clamped to 0..255 (the clamping is what changes the descriptor:
+ * it limits the gradients of high-contrast patches). */
+static void photometric_normalise(const sift_tables *t, const float *patch, float *out)
+{
+    const int n = t->P * t->P;
+    float sum = 0.0f, cnt = 0.0f, var = 0.0f;
+    for (int i = 0; i < n; i++)
+        if (t->mask[i] > 0.0f) { sum += patch[i]; cnt += 1.0f; }
+    const float mean = sum / cnt;
+    for (int i = 0; i < n; i++)
+        if (t->mask[i] > 0.0f) var += (mean - patch[i]) * (mean - patch[i]);
+    const float sd = sqrtf(var / cnt);
+    if (!(sd >= 0.0001f)) {
+        memcpy(out, patch, sizeof(float) * n);
+        return;
+    }
+    const float fac = 50.0f / sd;
+    for (int i = 0; i < n; i++) {
+        const float v = 128.0f + fac * (patch[i] - mean);
+        out[i] = v > 255.0f ? 255.0f : (v < 0.0f ? 0.0f : v);
+    }
+}
+
+static int sift_describe(const sift_tables *t, const float *patch, float *vec, int ref_flags)
 {
     const int P = t->P;
     float mag[HS_MAX_PATCH * HS_MAX_PATCH], ori[HS_MAX_PATCH * HS_MAX_PATCH];
     memset(vec, 0, sizeof(float) * 128);
     if (P > HS_MAX_PATCH) return 0;
+    float norm[HS_MAX_PATCH * HS_MAX_PATCH];
+    if (ref_flags & HS_REF_PHOTO) {
+        photometric_normalise(t, patch, norm);
+        patch = norm;
+    }
     sift_gradients(t, patch, mag, ori);
     for (int r = 0; r < P; r++) {
         const int br0 = 4 * t->bin0[r], br1 = 4 * t->bin1[r];
@@ -644,12 +729,12 @@ static int sift_describe(const sift_tables *t, const float *patch, float *vec)
     return 1;
 }
 
-int hs_sift_patch(const float *patch, int patch_size, float *out)
+int hs_sift_patch(const float *patch, int patch_size, float *out, int ref_flags)
 {
     if (patch_size > HS_MAX_PATCH) return 0;
     sift_tables t;
     if (sift_tables_init(&t, patch_size) != 0) return 0;
-    int ok = sift_describe(&t, patch, out);
+    int ok = sift_describe(&t, patch, out, ref_flags);
     sift_tables_free(&t);
     return ok;
 }
@@ -716,7 +801,7 @@ static int patch_sample(const hs_image *pyr, int n_pyr, const hs_params *p, floa
 {
     /* windows wider than HS_MAX_SIDE (regions of thousands of pixels) come from the pyramid */
     if (p->mode == 0 && 2.0f * ceilf(radius) + 3.0f <= (float)HS_MAX_SIDE)
-        return patch_compat(pyr, x, y, radius, U, p->patch_size, patch, ws);
+        return patch_compat(pyr, x, y, radius, U, p->patch_size, patch, ws, p->ref_flags);
     patch_fast(pyr, n_pyr, x, y, radius, U, p->patch_size, patch);
     return 0;
 }
@@ -734,9 +819,18 @@ int hs_describe(const hs_image *pyr, int n_pyr, const hs_kp *kps, int n, const h
     {
         const int S = p->smm_window, half = S / 2;
         const float sg = (float)half / 3.0f;  /* 3 sigma fit the half window */
+        float g1[HS_MAX_PATCH];
+        for (int i = 0; i <= half && i < HS_MAX_PATCH; i++) g1[i] = expf(-(float)(i * i) / (2.0f * sg * sg));
+        if (p->ref_flags & HS_REF_SMM_GRAD) {
+            /* the reference program folds the Gaussian's tail beyond the window (out to 5 sigma)
+             * back onto its outer samples */
+            const int end = (int)ceilf(5.0f * sg) - half;
+            for (int i = 1; i < end && half - i >= 0; i++)
+                g1[half - i] += expf(-(float)((i + half) * (i + half)) / (2.0f * sg * sg));
+        }
         for (int i = 0; i < S; i++)
             for (int j = 0; j < S; j++)
-                smm_mask[i * S + j] = expf(-(float)((i - half) * (i - half) + (j - half) * (j - half)) / (2.0f * sg * sg));
+                smm_mask[i * S + j] = g1[abs(i - half)] * g1[abs(j - half)];
     }
     int failed = 0;
     int i;
@@ -763,7 +857,10 @@ int hs_describe(const hs_image *pyr, int n_pyr, const hs_kp *kps, int n, const h
             {   /* the region used for the border test must lie inside the image */
                 const float cr = radius * p->check_region;
                 const float t = (2.0f * ceilf(cr) + 1.0f) / (float)P;
-                if (!inside(pyr, kp->x, kp->y, U, t, P / 2)) continue;
+                if (p->ref_flags & HS_REF_BORDER) {
+                    if (!inside_ref(pyr, kp->x, kp->y, U, t, P / 2, p->mode == 0 && t > 0.4f ? (int)ceilf(cr) + 1 : 0))
+                        continue;
+                } else if (!inside(pyr, kp->x, kp->y, U, t, P / 2)) continue;
             }
             float angles[HS_MAX_ORI];
             int no = 1;
@@ -798,9 +895,9 @@ int hs_describe(const hs_image *pyr, int n_pyr, const hs_kp *kps, int n, const h
                         ok = 0;
                         break;
                     }
-                    sift_describe(&tab, patch, vec);
+                    sift_describe(&tab, patch, vec, p->ref_flags);
                     for (int k = 0; k < 128; k++) {
-                        float q = rintf(vec[k] * 512.0f);
+                        float q = (p->ref_flags & HS_REF_TRUNC) ? floorf(vec[k] * 512.0f) : rintf(vec[k] * 512.0f);
                         dst[g * 128 + k] = (unsigned char)(q > 255.0f ? 255.0f : (q < 0.0f ? 0.0f : q));
                     }
                 }

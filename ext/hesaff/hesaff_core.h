@@ -33,7 +33,20 @@ typedef struct {
     const float *regions; /* relative measurement-region sizes, n_regions of them */
     float check_region;   /* relative size whose square must fit in the image (border test) */
     int shape_update;     /* 0: reference U <- M^-1/2 U; 1: U <- U M^-1/2 (patch-frame gradients) */
+    int ref_flags;        /* HS_REF_* bits: details of the reference program reproduced (compat) */
 } hs_params;
+
+#define HS_REF_SMM_GRAD 1     /* SMM: undivided central differences, Gaussian window with folded tail */
+#define HS_REF_SMM_ZERO 2     /* SMM window: zeros outside the image */
+#define HS_REF_ANISO_EIG 4    /* anisotropy from the eigenvalues of U (complex: rejected) */
+#define HS_REF_BORDER 8       /* reference border tests: patch corners 1 px inside, window inside */
+#define HS_REF_PHOTO 16       /* SIFT: photometric normalisation (mean 128, std 50, clamped to 0..255) */
+#define HS_REF_TRUNC 32       /* SIFT: uint8 by truncation */
+#define HS_REF_BLURK 64       /* patch blur kernel of int(6 sigma + 1) taps (odd) */
+#define HS_REF_SAFETY3 128    /* refinement may move to 3 px from the octave border */
+#define HS_REF_PYR_KSIZE 256  /* (Python side) pyramid blurs with kernels of int(6 sigma + 1) taps (odd) */
+#define HS_REF_UNCONV 512     /* keep points whose refinement still moves after 5 steps (last offset <= 1.5) */
+#define HS_REF_ALL 1023       /* all of them: the `compat` mode */
 
 typedef struct {
     const float *data;  /* row-major h x w */
@@ -62,8 +75,9 @@ int hs_detect_octave(const float *const *L, int w, int h, float pd, int octave, 
 int hs_describe(const hs_image *pyr, int n_pyr, const hs_kp *kps, int n, const hs_params *p,
                 int threads, float *frames, float *response, unsigned char *desc, int *count);
 
-/* SIFT of one square patch (side patch_size) into 128 floats, L2 / clip 0.2 / L2 normalised.
+/* SIFT of one square patch (side patch_size) into 128 floats, L2 / clip 0.2 / L2 normalised; with
+ * HS_REF_PHOTO in ref_flags the patch is first normalised photometrically like the reference program.
  * Exposed for tests. Returns 0 when the patch has no gradient (descriptor all zero). */
-int hs_sift_patch(const float *patch, int patch_size, float *out);
+int hs_sift_patch(const float *patch, int patch_size, float *out, int ref_flags);
 
 #endif
