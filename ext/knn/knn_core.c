@@ -29,7 +29,7 @@
 #include <immintrin.h>
 #endif
 
-#define KNN_TILE 4 /* queries screened together (word codes are loaded once per tile) */
+#define KNN_TILE 8 /* queries screened together (word codes are loaded once per tile) */
 
 int knn_cpu_supported(void)
 {
@@ -94,34 +94,25 @@ screen_vnni(const knn_index *ix, const int8_t *q8, const int32_t *qoff, const fl
 {
     const int P = ix->P, G = P / 4;
     const int64_t nb = ix->K16 / KNN_BLOCK, K16 = ix->K16;
-    const int32_t *q0 = (const int32_t *)(q8), *q1 = (const int32_t *)(q8 + P);
-    const int32_t *q2 = (const int32_t *)(q8 + 2 * P), *q3 = (const int32_t *)(q8 + 3 * P);
-    const __m512 g0 = _mm512_set1_ps(gam[0]), g1 = _mm512_set1_ps(gam[1]);
-    const __m512 g2 = _mm512_set1_ps(gam[2]), g3 = _mm512_set1_ps(gam[3]);
-    const __m512i o0 = _mm512_set1_epi32(qoff[0]), o1 = _mm512_set1_epi32(qoff[1]);
-    const __m512i o2 = _mm512_set1_epi32(qoff[2]), o3 = _mm512_set1_epi32(qoff[3]);
+    const int32_t *q[KNN_TILE];
+    for (int t = 0; t < KNN_TILE; t++) q[t] = (const int32_t *)(q8 + (size_t)t * P);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *wb = ix->packed + b * (int64_t)G * 64;
-        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-        __m512i a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
+        __m512i acc[KNN_TILE];
+#pragma GCC unroll 8
+        for (int t = 0; t < KNN_TILE; t++) acc[t] = _mm512_setzero_si512();
         for (int g = 0; g < G; g++) {
             /* unsigned word codes times signed query codes (broadcast from memory) */
             __m512i w = _mm512_loadu_si512((const void *)(wb + g * 64));
-            DPBUSD_BCST(a0, w, q0 + g);
-            DPBUSD_BCST(a1, w, q1 + g);
-            DPBUSD_BCST(a2, w, q2 + g);
-            DPBUSD_BCST(a3, w, q3 + g);
+#pragma GCC unroll 8
+            for (int t = 0; t < KNN_TILE; t++) DPBUSD_BCST(acc[t], w, q[t] + g);
         }
         const __m512 cn = _mm512_loadu_ps(ix->cnorm + b * KNN_BLOCK);
         float *v = val + b * KNN_BLOCK;
-        __m512 v0 = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a0, o0)), g0, cn);
-        __m512 v1 = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a1, o1)), g1, cn);
-        __m512 v2 = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a2, o2)), g2, cn);
-        __m512 v3 = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a3, o3)), g3, cn);
-        _mm512_store_ps(v, v0);
-        _mm512_store_ps(v + K16, v1);
-        _mm512_store_ps(v + 2 * K16, v2);
-        _mm512_store_ps(v + 3 * K16, v3);
+#pragma GCC unroll 8
+        for (int t = 0; t < KNN_TILE; t++)
+            _mm512_store_ps(v + t * K16, _mm512_fnmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], _mm512_set1_epi32(qoff[t]))),
+                                                          _mm512_set1_ps(gam[t]), cn));
     }
 }
 
