@@ -212,15 +212,15 @@ class InvertedFile:
             offset += c
         self.indptr_, self.ids_, self.payload_, self.fids_ = indptr, ids, pay, fids
 
+    def _df(self) -> np.ndarray:
+        """Images per word (int64): the posting-list lengths, or for smk the distinct images."""
+        if self.kind == "smk":
+            return _distinct_images_per_word(self.indptr_, self.ids_)
+        return np.diff(self.indptr_).astype(np.int64)
+
     def _update_weights(self):
         n = self.n_images_
-        df = np.diff(self.indptr_).astype(np.float64)
-        if self.kind == "smk" and self.n_entries:  # df counts images, not features
-            w = self._word_of_entries()
-            new_img = np.ones(self.n_entries, bool)
-            new_img[1:] = (w[1:] != w[:-1]) | (self.ids_[1:] != self.ids_[:-1])
-            df = np.bincount(w[new_img], minlength=self.n_words).astype(np.float64)
-        idf = np.where(df > 0, np.log(max(n, 1) / np.maximum(df, 1)), 0.0)
+        idf = _idf(self._df(), n)
         self.idf_ = idf.astype(np.float32)
         if not self.n_entries:
             self.inv_norm_ = np.zeros(n, np.float32)
@@ -260,6 +260,128 @@ class InvertedFile:
         out.n_images_ = base
         out._update_weights()
         return out
+
+    # -- out-of-core building -----------------------------------------------------------------
+    @classmethod
+    def build_on_disk(cls, path, chunks, n_words: int, kind: str = "asmk", alpha: float = 3.0,
+                      tau: float = 0.0, ht: int | None = None, run_bytes: int = 1 << 30,
+                      mem_bytes: int = 1 << 30, workdir=None, extra_arrays: dict | None = None,
+                      extra_meta: dict | None = None) -> str:
+        """Build an index directory at ``path`` without holding it in memory; returns the path.
+
+        ``chunks`` is an iterable (a generator is fine) of ``add`` arguments, one chunk of new
+        images each: a tuple ``(words, image_ids, payload, feature_ids, n_images)`` (trailing
+        items optional) or a dict of ``add`` keywords; image ids are local to the chunk and the
+        chunks follow each other in image order. Chunks are gathered in memory until they hold
+        ``run_bytes`` of postings, sorted (the in-memory builder) and written as a run; the runs
+        are then merged word range by word range (about ``mem_bytes`` of working memory each)
+        straight into the index files, with CRC32s, idf and per-image normalisers computed on the
+        way. Peak memory is about 2 x run_bytes + mem_bytes plus one chunk, whatever the index
+        size; disk needs the index size twice (runs + index) until the runs are deleted.
+
+        The result is the same directory, byte for byte in its arrays, as ``add`` of the same
+        chunks, ``compact`` and ``save``: ``InvertedFile.load`` opens it. Runs go to a temporary
+        directory under ``workdir`` (default: inside the temporary index directory); the index is
+        renamed into place only when complete, and on any error (or interruption) the temporary
+        directories are removed and nothing is left at ``path``.
+        """
+        proto = cls(n_words, kind, alpha, tau, ht)
+        params = proto.get_params()
+        path, tmp = _temp_sibling(path)
+        rundir = None
+        try:
+            rundir = (tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.runs-", dir=workdir)
+                      if workdir is not None else os.path.join(tmp, ".runs"))
+            os.makedirs(rundir, exist_ok=True)
+            runs, cur, held = [], cls(**params), 0
+            per_run = max(1, int(run_bytes) // _entry_bytes(kind))
+
+            def flush():
+                nonlocal cur, held
+                if cur._pending_images or cur._pending:
+                    runs.append(cur._write_run(os.path.join(rundir, f"run{len(runs):05d}")))
+                cur, held = cls(**params), 0
+
+            for chunk in chunks:
+                args = chunk if isinstance(chunk, dict) else dict(zip(
+                    ("words", "image_ids", "payload", "feature_ids", "n_images"), chunk))
+                cur.add(**args)
+                held += len(cur._pending[-1][0])
+                if held >= per_run:
+                    flush()
+                if sum(r.n_images for r in runs) + cur._pending_images > MAX_IMAGES:
+                    raise DataError(f"build_on_disk: more than {MAX_IMAGES} images exceed the uint32 "
+                                    "image ids of one index; split the collection into shards")
+            flush()
+            _merge_runs(tmp, runs, params, mem_bytes, extra_arrays, extra_meta)
+            shutil.rmtree(rundir)
+            rundir = None
+            _commit_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if rundir is not None:
+                shutil.rmtree(rundir, ignore_errors=True)
+            raise
+        return path
+
+    def _write_run(self, prefix) -> "_Run":
+        """Sort the pending chunks (as ``compact`` would, without weights) and write them as a run."""
+        parts, self._pending = self._pending, []
+        self._merge(parts)
+        self.n_images_ += self._pending_images
+        self._pending_images = 0
+        files = {}
+        for name, a in (("ids", self.ids_), ("payload", self.payload_), ("fids", self.fids_)):
+            if a is not None:
+                np.save(f"{prefix}-{name}.npy", a)
+                files[name] = _NpyFile(f"{prefix}-{name}.npy")
+        return _Run(self.indptr_, files, self.n_images_, self._df())
+
+    @classmethod
+    def merge_shards_to_disk(cls, shard_paths, path, mem_bytes: int = 1 << 30, verify: bool = False) -> str:
+        """Merge saved index directories (shard k's images follow shard k-1's) into a new index
+        directory at ``path`` without loading them: the out-of-core counterpart of
+        ``merge_shards``, written atomically, with about ``mem_bytes`` of working memory.
+        ``verify`` checks every shard's CRC32s first. Owner extras of the shards are not carried."""
+        shard_paths = [os.fspath(p) for p in shard_paths]
+        if not shard_paths:
+            raise DataError("merge_shards_to_disk: no shards given")
+        runs, p0 = [], None
+        for sp in shard_paths:
+            man, arrays = read_index_dir(sp, mmap=True, verify=verify)
+            p = man["params"]
+            if p0 is None:
+                p0 = p
+            elif p != p0:
+                raise DataError(f"merge_shards_to_disk: parameters of {sp} differ: {p} vs {p0}")
+            indptr = np.array(arrays["indptr"], np.int64)
+            names = ["ids", "payload"] + (["fids"] if p["kind"] == "smk" else [])
+            missing = [k for k in names if k not in arrays]
+            if missing:
+                raise IndexFormatError(f"{sp}: array {missing[0]!r} missing; rebuild the index")
+            if p["kind"] == "smk":  # distinct images per word, in word ranges
+                df = np.zeros(len(indptr) - 1, np.int64)
+                step = max(1, int(mem_bytes) // 16)
+                w0 = 0
+                while w0 < len(indptr) - 1:
+                    w1 = min(max(int(np.searchsorted(indptr, indptr[w0] + step, side="right")) - 1, w0 + 1),
+                             len(indptr) - 1)
+                    df[w0:w1] = _distinct_images_per_word(indptr[w0:w1 + 1] - indptr[w0],
+                                                          np.asarray(arrays["ids"][indptr[w0]:indptr[w1]]))
+                    w0 = w1
+            else:
+                df = np.diff(indptr)
+            del arrays
+            files = {k: _NpyFile(os.path.join(sp, man["arrays"][k]["file"])) for k in names}
+            runs.append(_Run(indptr, files, int(man["n_images"]), df))
+        path, tmp = _temp_sibling(path)
+        try:
+            _merge_runs(tmp, runs, p0, mem_bytes)
+            _commit_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
 
     # -- querying -----------------------------------------------------------------------------
     def query_weights(self, q_words) -> np.ndarray:
@@ -393,6 +515,178 @@ def _query_self_similarity(w, s, idf, lut, ht, n_words) -> float:
     return float(ss[0])
 
 
+def _idf(df, n) -> np.ndarray:
+    """idf = log(N / df) in float64 (0 for unused words), the one formula of every build path."""
+    df = np.asarray(df).astype(np.float64)
+    return np.where(df > 0, np.log(max(n, 1) / np.maximum(df, 1)), 0.0)
+
+
+def _distinct_images_per_word(indptr, ids, w0: int = 0) -> np.ndarray:
+    """Distinct images of each word of a CSR block (words w0.. of len(indptr) - 1), int64."""
+    nw = len(indptr) - 1
+    if not len(ids):
+        return np.zeros(nw, np.int64)
+    w = np.repeat(np.arange(nw, dtype=np.int32), np.diff(np.asarray(indptr)))
+    ids = np.asarray(ids)
+    new_img = np.ones(len(ids), bool)
+    new_img[1:] = (w[1:] != w[:-1]) | (ids[1:] != ids[:-1])
+    return np.bincount(w[new_img], minlength=nw).astype(np.int64)
+
+
+# -- out-of-core building: sorted runs on disk, merged word range by word range -----------------
+class _NpyFile:
+    """An .npy array read in slices with plain file reads (no memory map, so the pages read stay
+    out of the process's resident set)."""
+
+    def __init__(self, fn):
+        with open(fn, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(fh)
+            self.offset = fh.tell()
+        if fortran or dtype.hasobject:
+            raise IndexFormatError(f"{fn}: not a C-ordered plain array")
+        self.fn, self.dtype, self.shape = fn, dtype, tuple(shape)
+        self.row = int(np.prod(self.shape[1:], dtype=np.int64))
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        out = np.empty((n,) + tuple(self.shape[1:]), self.dtype)
+        if n == 0:
+            return out
+        with open(self.fn, "rb") as fh:
+            fh.seek(self.offset + start * self.row * self.dtype.itemsize)
+            got = fh.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        if got != out.nbytes:
+            raise IndexFormatError(f"{self.fn}: truncated (wanted {out.nbytes} bytes at entry {start}, got {got})")
+        return out
+
+
+class _NpyWriter:
+    """Sequential writer of one .npy file of known dtype and shape, with a running CRC32."""
+
+    def __init__(self, fn, dtype, shape):
+        self.fn, self.dtype, self.shape = fn, np.dtype(dtype), tuple(int(x) for x in shape)
+        self.fh = open(fn, "wb")
+        np.lib.format.write_array_header_1_0(self.fh, dict(descr=np.lib.format.dtype_to_descr(self.dtype),
+                                                           fortran_order=False, shape=self.shape))
+        self.crc, self.rows = 0, 0
+
+    def write(self, a: np.ndarray):
+        a = np.ascontiguousarray(a, self.dtype)
+        b = a.reshape(-1).view(np.uint8)
+        self.crc = zlib.crc32(b, self.crc)
+        self.fh.write(b)
+        self.rows += len(a)
+
+    def close(self) -> dict:
+        self.fh.close()
+        if self.rows != self.shape[0]:
+            raise RuntimeError(f"{self.fn}: wrote {self.rows} rows of {self.shape[0]}")
+        return dict(file=os.path.basename(self.fn), dtype=self.dtype.str, shape=list(self.shape),
+                    crc32=self.crc, bytes=os.path.getsize(self.fn))
+
+
+class _Run:
+    """One sorted run (a shard): its CSR word pointers in memory, its entry arrays on disk."""
+
+    def __init__(self, indptr, files: dict, n_images: int, df):
+        self.indptr = np.asarray(indptr, np.int64)
+        self.files = files  # name -> _NpyFile: ids, payload, (fids)
+        self.n_images = int(n_images)
+        self.df = np.asarray(df, np.int64)
+
+
+def _entry_bytes(kind) -> int:
+    return 8 if kind == "bow" else (24 if kind == "smk" else 20)
+
+
+def _merge_runs(tmp, runs, params: dict, mem_bytes: int, extra_arrays=None, extra_meta=None) -> None:
+    """Write the index of ``runs`` (in image order) into directory ``tmp``: CSR arrays filled word
+    range by word range (each range gathers every run's contiguous slice for it), CRC32s and the
+    per-image self-similarities accumulated as the ranges stream by, in the same order as the
+    in-memory build so every array comes out bit for bit the same."""
+    n_words, kind = params["n_words"], params["kind"]
+    n_img = sum(r.n_images for r in runs)
+    if n_img > MAX_IMAGES:
+        raise DataError(f"{n_img} images exceed the uint32 image ids of one index (at most {MAX_IMAGES})")
+    counts = np.zeros(n_words, np.int64)
+    df = np.zeros(n_words, np.int64)
+    for r in runs:
+        if len(r.indptr) != n_words + 1:
+            raise DataError(f"run/shard with {len(r.indptr) - 1} words merged into an index of {n_words}")
+        counts += np.diff(r.indptr)
+        df += r.df
+    indptr = np.zeros(n_words + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    total = int(indptr[-1])
+    idf = _idf(df, n_img)
+    idf2 = idf ** 2
+    lut, ht = selectivity_lut(params["alpha"], params["tau"], params["ht"])
+    selfsim = np.zeros(n_img, np.float64)
+    names = ["ids", "payload"] + (["fids"] if kind == "smk" else [])
+    dtypes = dict(ids=np.uint32, payload=np.float32 if kind == "bow" else np.uint64, fids=np.uint32)
+    shapes = dict(ids=(total,), payload=(total,) if kind == "bow" else (total, 2), fids=(total,))
+    writers = {k: _NpyWriter(os.path.join(tmp, f"{k}.npy"), dtypes[k], shapes[k]) for k in names}
+    bases = np.cumsum([0] + [r.n_images for r in runs])[:-1]
+    # word ranges of at most ~mem_bytes of working memory (~64 bytes per entry: arrays + indices)
+    per_range = max(1, int(mem_bytes) // 64)
+    w0 = 0
+    try:
+        while w0 < n_words:
+            w1 = int(np.searchsorted(indptr, indptr[w0] + per_range, side="right")) - 1
+            w1 = min(max(w1, w0 + 1), n_words)
+            lo, hi = int(indptr[w0]), int(indptr[w1])
+            bufs = {k: np.empty((hi - lo,) + shapes[k][1:], dtypes[k]) for k in names}
+            nxt = indptr[w0:w1] - lo  # next free slot of each word in the buffers
+            for r, base in zip(runs, bases):
+                a, b = int(r.indptr[w0]), int(r.indptr[w1])
+                if a == b:
+                    continue
+                c = np.diff(r.indptr[w0:w1 + 1])
+                wl = np.repeat(np.arange(w1 - w0, dtype=np.int64), c)
+                dest = nxt[wl] + (np.arange(a, b, dtype=np.int64) - r.indptr[w0:w1][wl])
+                del wl
+                ids = r.files["ids"].read(a, b - a)
+                if base:
+                    np.add(ids, np.uint32(base), out=ids)
+                bufs["ids"][dest] = ids
+                del ids
+                for k in names[1:]:
+                    bufs[k][dest] = r.files[k].read(a, b - a)
+                del dest
+                nxt += c
+            if hi > lo:
+                w = np.repeat(np.arange(w0, w1, dtype=np.int64), counts[w0:w1])
+                if kind == "bow":
+                    np.add.at(selfsim, bufs["ids"], (bufs["payload"] * idf[w]) ** 2)
+                elif kind == "asmk":
+                    np.add.at(selfsim, bufs["ids"], idf2[w])
+                else:
+                    _k.self_similarity(indptr[w0:w1 + 1] - lo, bufs["ids"], bufs["payload"],
+                                       idf2[w0:w1].astype(np.float32), lut, ht, n_img, out=selfsim)
+                del w
+            for k in names:
+                writers[k].write(bufs[k])
+            del bufs
+            w0 = w1
+        done = {k: writers.pop(k).close() for k in names}
+    finally:
+        for wr in writers.values():
+            wr.fh.close()
+    inv_norm = np.where(selfsim > 0, 1.0 / np.sqrt(np.maximum(selfsim, 1e-30)), 0.0).astype(np.float32)
+    entries = dict(indptr=_save_array(tmp, "indptr", indptr), ids=done["ids"], payload=done["payload"],
+                   idf=_save_array(tmp, "idf", idf.astype(np.float32)),
+                   inv_norm=_save_array(tmp, "inv_norm", inv_norm))
+    if "fids" in done:
+        entries["fids"] = done["fids"]
+    for name, a in (extra_arrays or {}).items():
+        entries[name] = _save_array(tmp, name, a)
+    meta = dict(params=dict(params), n_images=n_img, n_entries=total)
+    meta.update(extra_meta or {})
+    _write_manifest(tmp, entries, meta)
+
+
 # -- the on-disk directory ---------------------------------------------------------------------
 def _crc32(a: np.ndarray, chunk=1 << 24) -> int:
     b = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
@@ -405,32 +699,51 @@ def _crc32(a: np.ndarray, chunk=1 << 24) -> int:
 def write_index_dir(path, arrays: dict, meta: dict) -> str:
     """Write ``arrays`` (.npy each) and manifest.json into a temp sibling, then rename into place.
     An existing directory at ``path`` is replaced only once the new one is complete."""
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    path, tmp = _temp_sibling(path)
     try:
         entries = {}
         for name, a in arrays.items():
-            a = np.asarray(a)
-            fn = f"{name}.npy"
-            np.save(os.path.join(tmp, fn), a)
-            entries[name] = dict(file=fn, dtype=a.dtype.str, shape=list(a.shape), crc32=_crc32(a),
-                                 bytes=os.path.getsize(os.path.join(tmp, fn)))
-        man = dict(format=FORMAT, version=VERSION, arrays=entries, **meta)
-        with open(os.path.join(tmp, "manifest.json"), "w") as fh:
-            json.dump(man, fh, indent=1)
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.replace(path, os.path.join(old, "index"))
-        os.replace(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+            entries[name] = _save_array(tmp, name, a)
+        _write_manifest(tmp, entries, meta)
+        _commit_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _temp_sibling(path) -> tuple[str, str]:
+    """(absolute path, a new empty temporary directory next to it) for an atomic directory write."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    return path, tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+
+
+def _save_array(tmp, name, a) -> dict:
+    a = np.asarray(a)
+    fn = f"{name}.npy"
+    np.save(os.path.join(tmp, fn), a)
+    return dict(file=fn, dtype=a.dtype.str, shape=list(a.shape), crc32=_crc32(a),
+                bytes=os.path.getsize(os.path.join(tmp, fn)))
+
+
+def _write_manifest(tmp, entries: dict, meta: dict):
+    man = dict(format=FORMAT, version=VERSION, arrays=entries, **meta)
+    with open(os.path.join(tmp, "manifest.json"), "w") as fh:
+        json.dump(man, fh, indent=1)
+
+
+def _commit_dir(tmp, path):
+    """Rename the complete directory ``tmp`` onto ``path`` (an existing one is moved aside first)."""
+    parent = os.path.dirname(path)
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+        os.replace(path, os.path.join(old, "index"))
+    os.replace(tmp, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(path) -> dict:

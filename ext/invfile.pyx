@@ -252,10 +252,16 @@ def hamming(const uint64_t[:, ::1] a, const uint64_t[:, ::1] b):
 
 
 def self_similarity(const int64_t[::1] indptr, const uint32_t[::1] ids, const uint64_t[:, ::1] sigs,
-                    const float[::1] word_weight, const float[::1] lut, int ht, Py_ssize_t n_img):
+                    const float[::1] word_weight, const float[::1] lut, int ht, Py_ssize_t n_img,
+                    out=None):
     """Per-image self-similarity sum_w word_weight[w] sum_{i, j in X_w(d)} lut[h(i, j)] (float64):
-    the SMK normaliser. All ordered pairs within a word of one image count, i == j included."""
-    out = np.zeros(n_img, np.float64)
+    the SMK normaliser. All ordered pairs within a word of one image count, i == j included.
+    ``out`` (float64, n_img) accumulates in place, word after word: calling this on consecutive
+    word ranges gives the same sums, bit for bit, as one call on all words."""
+    if out is None:
+        out = np.zeros(n_img, np.float64)
+    elif out.dtype != np.float64 or out.shape != (n_img,):
+        raise ValueError(f"out must be float64 of shape ({n_img},)")
     cdef double[::1] o = out
     cdef Py_ssize_t w, a, b, c, e, e2, nw = indptr.shape[0] - 1
     cdef double s
