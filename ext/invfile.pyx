@@ -56,7 +56,7 @@ cdef void _sift_down(float* hs, int64_t* hi, Py_ssize_t n, Py_ssize_t i) noexcep
             return
 
 
-cdef void _finish(float* acc, uint8_t* mark, uint32_t* touched, Py_ssize_t nt, const float* inv_norm,
+cdef void _finish(float* acc, uint8_t* mark, const uint32_t* touched, Py_ssize_t nt, const float* inv_norm,
                   float q_scale, Py_ssize_t n_img, Py_ssize_t top, float* out_s, int64_t* out_i) noexcept nogil:
     """Top ``top`` of the touched images (acc reset to zero on the way), then untouched ones at 0."""
     cdef Py_ssize_t n = 0, t, j, k, npos, nz
@@ -117,14 +117,28 @@ cdef void _finish(float* acc, uint8_t* mark, uint32_t* touched, Py_ssize_t nt, c
         mark[touched[t]] = 0
 
 
+cdef inline bint _dense(const int32_t* qw, Py_ssize_t nq, const int64_t* indptr, Py_ssize_t n_img) noexcept nogil:
+    """Whether a query scans at least half as many entries as there are images: then nearly every
+    image is touched, and accumulating without the touched list (then finishing over all images,
+    untouched ones having acc 0, which ranks exactly like untouched) saves a random access per entry."""
+    cdef Py_ssize_t a, scan = 0
+    for a in range(nq):
+        scan += indptr[qw[a] + 1] - indptr[qw[a]]
+    return 2 * scan >= n_img
+
+
 cdef Py_ssize_t _acc_tf(const int32_t* qw, const float* qv, Py_ssize_t nq, const int64_t* indptr,
                         const uint32_t* ids, const float* tf, float* acc, uint8_t* mark,
-                        uint32_t* touched) noexcept nogil:
+                        uint32_t* touched, bint dense) noexcept nogil:
     cdef Py_ssize_t a, j, nt = 0
     cdef uint32_t d
     cdef float v
     for a in range(nq):
         v = qv[a]
+        if dense:
+            for j in range(indptr[qw[a]], indptr[qw[a] + 1]):
+                acc[ids[j]] += v * tf[j]
+            continue
         for j in range(indptr[qw[a]], indptr[qw[a] + 1]):
             d = ids[j]
             touched[nt] = d
@@ -137,7 +151,7 @@ cdef Py_ssize_t _acc_tf(const int32_t* qw, const float* qv, Py_ssize_t nq, const
 cdef Py_ssize_t _acc_sig(const int32_t* qw, const uint64_t* qs, const float* qv, Py_ssize_t nq,
                          const int64_t* indptr, const uint32_t* ids, const uint64_t* sigs,
                          const float* lut, int ht, float* acc, uint8_t* mark,
-                         uint32_t* touched) noexcept nogil:
+                         uint32_t* touched, bint dense) noexcept nogil:
     cdef Py_ssize_t a, j, nt = 0
     cdef uint32_t d
     cdef uint64_t q0, q1
@@ -149,6 +163,11 @@ cdef Py_ssize_t _acc_sig(const int32_t* qw, const uint64_t* qs, const float* qv,
         q1 = qs[2 * a + 1]
         # branch-free: signatures of unrelated features pass a threshold near half the time, a
         # branch on it would be mispredicted that often (lut is 0 above ht)
+        if dense:
+            for j in range(indptr[qw[a]], indptr[qw[a] + 1]):
+                h = bowr_popcount128(q0 ^ sigs[2 * j], q1 ^ sigs[2 * j + 1])
+                acc[ids[j]] += v * lut[h]
+            continue
         for j in range(indptr[qw[a]], indptr[qw[a] + 1]):
             h = bowr_popcount128(q0 ^ sigs[2 * j], q1 ^ sigs[2 * j + 1])
             d = ids[j]
@@ -180,19 +199,30 @@ def search_tf(const int64_t[::1] q_indptr, const int32_t[::1] q_words, const flo
     acc = np.zeros((nth, max(n_img, 1)), np.float32)
     mark = np.zeros((nth, max(n_img, 1)), np.uint8)
     touched = np.zeros((nth, n_img + 1), np.uint32)  # +1: the branch-free append writes touched[nt] even when all are in
+    ident = np.arange(max(n_img, 1), dtype=np.uint32)  # the touched list of a dense query: every image
     cdef float[:, ::1] acc_v = acc
     cdef uint8_t[:, ::1] mark_v = mark
     cdef uint32_t[:, ::1] tch = touched
     cdef Py_ssize_t nt
+    cdef bint dense
+    cdef uint32_t[::1] ident_v = ident
+    cdef const uint32_t* idn = &ident_v[0]
     if nq == 0 or n_img == 0:
         return out_i, out_s
     for i in prange(nq, nogil=True, num_threads=nth, schedule="dynamic"):
         t = threadid()
+        dense = _dense(&q_words[0] + q_indptr[i], q_indptr[i + 1] - q_indptr[i], &indptr[0], n_img) \
+            if q_indptr[i + 1] > q_indptr[i] else False
         nt = _acc_tf(&q_words[0] + q_indptr[i], &q_weights[0] + q_indptr[i], q_indptr[i + 1] - q_indptr[i],
-                     &indptr[0], &ids[0], &tf[0], &acc_v[t, 0], &mark_v[t, 0], &tch[t, 0]) \
+                     &indptr[0], &ids[0], &tf[0], &acc_v[t, 0], &mark_v[t, 0], &tch[t, 0], dense) \
             if q_indptr[i + 1] > q_indptr[i] else 0
-        _finish(&acc_v[t, 0], &mark_v[t, 0], &tch[t, 0], nt, &inv_norm[0], q_scale[i], n_img, top,
-                &os_[i, 0] if top > 0 else NULL, &oi[i, 0] if top > 0 else NULL)
+        if dense:  # every image counts as touched; those at 0 fall back to untouched in _finish
+            memset(&mark_v[t, 0], 1, n_img)
+            _finish(&acc_v[t, 0], &mark_v[t, 0], idn, n_img, &inv_norm[0], q_scale[i], n_img, top,
+                    &os_[i, 0] if top > 0 else NULL, &oi[i, 0] if top > 0 else NULL)
+        else:
+            _finish(&acc_v[t, 0], &mark_v[t, 0], &tch[t, 0], nt, &inv_norm[0], q_scale[i], n_img, top,
+                    &os_[i, 0] if top > 0 else NULL, &oi[i, 0] if top > 0 else NULL)
     return out_i, out_s
 
 
@@ -218,6 +248,7 @@ def search_sig(const int64_t[::1] q_indptr, const int32_t[::1] q_words, const ui
     acc = np.zeros((nth, max(n_img, 1)), np.float32)
     mark = np.zeros((nth, max(n_img, 1)), np.uint8)
     touched = np.zeros((nth, n_img + 1), np.uint32)  # +1: the branch-free append writes touched[nt] even when all are in
+    ident = np.arange(max(n_img, 1), dtype=np.uint32)  # the touched list of a dense query: every image
     cdef float[:, ::1] acc_v = acc
     cdef uint8_t[:, ::1] mark_v = mark
     cdef uint32_t[:, ::1] tch = touched
@@ -227,15 +258,25 @@ def search_sig(const int64_t[::1] q_indptr, const int32_t[::1] q_words, const ui
     cdef const uint32_t* idp = &ids[0] if ids.shape[0] else NULL
     cdef const int32_t* qwp = &q_words[0] if q_words.shape[0] else NULL
     cdef const float* qvp = &q_weights[0] if q_weights.shape[0] else NULL
+    cdef bint dense
+    cdef uint32_t[::1] ident_v = ident
+    cdef const uint32_t* idn = &ident_v[0]
     if nq == 0 or n_img == 0:
         return out_i, out_s
     for i in prange(nq, nogil=True, num_threads=nth, schedule="dynamic"):
         t = threadid()
+        dense = _dense(qwp + q_indptr[i], q_indptr[i + 1] - q_indptr[i], &indptr[0], n_img) \
+            if q_indptr[i + 1] > q_indptr[i] else False
         nt = _acc_sig(qwp + q_indptr[i], qsp + 2 * q_indptr[i], qvp + q_indptr[i],
                       q_indptr[i + 1] - q_indptr[i], &indptr[0], idp, sp, &lut[0], ht,
-                      &acc_v[t, 0], &mark_v[t, 0], &tch[t, 0]) if q_indptr[i + 1] > q_indptr[i] else 0
-        _finish(&acc_v[t, 0], &mark_v[t, 0], &tch[t, 0], nt, &inv_norm[0], q_scale[i], n_img, top,
-                &os_[i, 0] if top > 0 else NULL, &oi[i, 0] if top > 0 else NULL)
+                      &acc_v[t, 0], &mark_v[t, 0], &tch[t, 0], dense) if q_indptr[i + 1] > q_indptr[i] else 0
+        if dense:  # every image counts as touched; those at 0 fall back to untouched in _finish
+            memset(&mark_v[t, 0], 1, n_img)
+            _finish(&acc_v[t, 0], &mark_v[t, 0], idn, n_img, &inv_norm[0], q_scale[i], n_img, top,
+                    &os_[i, 0] if top > 0 else NULL, &oi[i, 0] if top > 0 else NULL)
+        else:
+            _finish(&acc_v[t, 0], &mark_v[t, 0], &tch[t, 0], nt, &inv_norm[0], q_scale[i], n_img, top,
+                    &os_[i, 0] if top > 0 else NULL, &oi[i, 0] if top > 0 else NULL)
     return out_i, out_s
 
 

@@ -274,3 +274,24 @@ def test_negative_selectivity_ranks_below_untouched_images(rng):
     ref = _dense_sig_scores(qw, qs, W, I, S, 40, tau=-0.6)
     assert (ref < 0).any()
     np.testing.assert_array_equal(ids[0], np.lexsort((np.arange(40), -ref.astype(np.float32))))
+
+
+@pytest.mark.parametrize("tau", [0.0, -0.6])
+def test_sparse_and_dense_accumulation_rank_like_the_reference(rng, tau):
+    # a query scanning fewer entries than half the images keeps a touched list; one scanning more
+    # accumulates densely and finishes over every image: both must give the reference ranking
+    W, I, S, _ = _random_sig_db(rng, n_img=400, per_img=4)
+    ivf = InvertedFile(N_WORDS, "asmk", tau=tau).add(W, I, S).compact()
+    df = np.diff(ivf.indptr_)
+    rare = np.array([np.argmin(np.where(df > 0, df, 10**9))])
+    common = np.argsort(-df)[:8]
+    assert df[rare].sum() * 2 < 400 <= df[common].sum() * 2
+    for qw in (rare, common):
+        qs = rng.integers(0, 2**64, (len(qw), 2), dtype=np.uint64)
+        qs[0] = S[np.nonzero(W == qw[0])[0][0]]  # one exact match
+        ids, sc = ivf.search([(qw, qs)], top=None)
+        ref = _dense_sig_scores(qw, qs, W, I, S, 400, tau=tau)
+        assert sorted(ids[0]) == list(range(400))
+        np.testing.assert_allclose(sc[0], ref[ids[0]], rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(np.lexsort((ids[0], -sc[0])), np.arange(400))  # score desc, then id
+        assert ((sc[0] == 0) == (ref[ids[0]] == 0)).all()
