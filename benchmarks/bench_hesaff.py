@@ -1,6 +1,7 @@
 """Hessian-Affine benchmark: our modes against pyhesaff (the reference program's wheel) and OpenCV SIFT.
 
-Prints, for graf1/graf3 of ../shared/data/pairs (native 800x640 and resized to 1024x768):
+Prints, for graf1/graf3 of ../shared/data/pairs (native 800x640 and resized to 1024x768), every
+extractor getting the same 8-bit grey image (pyhesaff's API takes 8-bit arrays only):
 features on image 1, seconds per image, repeatability (projected centre within 2.5 px, over the
 common area) and mutual-nearest-neighbour RootSIFT matches consistent with H (5 px); then the
 compat overlap with pyhesaff, the speed ratios at 1024x768, the rotation test and peak RSS on a
@@ -151,9 +152,9 @@ def overlap(ref, ours, tol=1.0, shape_tol=0.15):
 
 
 def same_input_table(pairs, pyh, threads):
-    """compat against pyhesaff when both see exactly the same image: the 8-bit grey pyhesaff gets in
-    the tables above (ours there gets the unrounded grey), and at native size also pyhesaff's own
-    colour path, whose (R+G+B)/3 is bit-identical to our grey. Exact agreement: centre within 0.05 px,
+    """compat against pyhesaff when both see exactly the same image: the 8-bit grey of the tables
+    above, and at native size also pyhesaff's own colour path, whose unrounded (R+G+B)/3 is
+    bit-identical to the grey our load_gray makes of the colour file. Exact agreement: centre within 0.05 px,
     frame matrix within 1%."""
     print("\n## compat vs pyhesaff on identical input (up-right; exact: centre within 0.05 px, frame within 1%)")
     print("| input | features ours / pyhesaff | pyhesaff frames exactly reproduced | descriptors of those: max / mean abs diff | matches ours / pyhesaff |")
@@ -298,9 +299,14 @@ def main(argv=None):
     pyh, why = pyhesaff_or_reason()
     if pyh is None:
         print(f"pyhesaff unavailable ({why}); its rows are left out")
-    g1, g3 = load_gray(d / "graf1.png").gray, load_gray(d / "graf3.png").gray
+    # every extractor gets the same pixels: pyhesaff's Python API takes 8-bit images only, so the
+    # (R+G+B)/3 grey is rounded to 8 bits once and that image goes to all of them (likewise after resizing)
+    f1, f3 = load_gray(d / "graf1.png").gray, load_gray(d / "graf3.png").gray
+    to8 = lambda x: np.clip(np.rint(x), 0, 255).astype(np.float32)  # noqa: E731
+    g1, g3 = to8(f1), to8(f3)
     H = load_homography(d / "H1to3p.xml")
     r1, r3, Hr = resize_pair(g1, g3, H, (1024, 768))
+    r1, r3 = to8(r1), to8(r3)
     results = {"threads": args.threads, "pyhesaff": why or "ok"}
     if run("pairs") or run("overlap"):
         ex = make_extractors(args.threads, pyh)
@@ -320,7 +326,7 @@ def main(argv=None):
             colour = (read_color(d / "graf1.png"), read_color(d / "graf3.png"))
             results["compat_same_input"] = same_input_table(
                 {"graf 8-bit grey": (g1, g3, H, None), "graf 1024x768 8-bit grey": (r1, r3, Hr, None),
-                 "graf colour (pyhesaff's own grey)": (g1, g3, H, colour)}, pyh, args.threads)
+                 "graf colour (pyhesaff's own grey)": (f1, f3, H, colour)}, pyh, args.threads)
     if run("speed"):
         results["speed_1024x768"] = speed_table(r1, pyh, args.threads, max(args.repeats, 5))
     if run("rotation"):
