@@ -1,7 +1,9 @@
 """Baseline figures on ../shared/data/landmarks-dev: OpenCV SIFT + RootSIFT, 16k-word vocabulary
 learned on ../shared/data/train-photos, tf-idf BoW with cosine scoring.
 
-Runs ``bowretrieval.pipeline.run_experiment`` on the crop protocol first (gnd_landmarks-dev-crop),
+The experiment is ``configs/baseline.yaml`` unless ``--config`` names another (the package's default
+extractor is hesaff, the foundation's baseline is OpenCV SIFT). Runs
+``bowretrieval.pipeline.run_experiment`` on the crop protocol first (gnd_landmarks-dev-crop),
 then on the full-image protocol (features, vocabulary and index are reused), and prints:
 
 * mAP Easy / Medium / Hard and mP@1/5/10 Medium for both protocols;
@@ -28,7 +30,7 @@ import time
 
 import numpy as np
 
-from bowretrieval.config import ExperimentConfig
+from bowretrieval.config import ExperimentConfig, load_config
 from bowretrieval.features import get_extractor
 from bowretrieval.featurestore import FeatureStore
 from bowretrieval.imageio import load_gray
@@ -36,6 +38,9 @@ from bowretrieval.paths import shared_data_dir
 from bowretrieval.pipeline import query_jobs, query_stage, read_descriptors, run_experiment
 from bowretrieval.revisited import RevisitedDataset, format_table
 from bowretrieval.vocabulary import Vocabulary
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class Clock:
@@ -47,12 +52,12 @@ class Clock:
         self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
 
 
-def time_extraction(ds: RevisitedDataset, n: int, max_side: int) -> dict:
-    """Read + grey + downscale + SIFT per image, in this process with one OpenCV thread."""
+def time_extraction(ds: RevisitedDataset, n: int, max_side: int, cfg_extractor: str = "sift", params=None) -> dict:
+    """Read + grey + downscale + features per image, in this process with one OpenCV thread."""
     import cv2
 
     cv2.setNumThreads(1)
-    ex = get_extractor("sift")
+    ex = get_extractor(cfg_extractor, **(params or {}))
     names = [x for x in ds.imlist if not x.startswith("distractor__")][:n]
     nfeat = 0
     with Clock() as c:
@@ -74,14 +79,13 @@ def time_vocabulary(workdir, cfg) -> dict:
     return {"wall": c.wall, "cpu": c.cpu, "descriptors": int(len(X)), "words": v.size, "iterations": v.iterations}
 
 
-def time_queries(workdir, ds: RevisitedDataset) -> dict:
-    """Assignment + scoring of every query of ``ds`` against the experiment's index."""
+def time_queries(res: dict, ds: RevisitedDataset) -> dict:
+    """Assignment + scoring of every query of ``ds`` against the experiment's index (``res`` is what
+    run_experiment returned: it names the index directory and the query store it used)."""
     from bowretrieval.pipeline import load_index_dir
 
-    idx = [d for d in os.listdir(workdir) if d.startswith("index-")][0]
-    index, names, voc, scfg, vcfg = load_index_dir(os.path.join(workdir, idx), threads=1)
-    qstore = [f for f in os.listdir(os.path.join(workdir, "features")) if f.startswith(f"queries-{ds.name}-")][0]
-    with FeatureStore(os.path.join(workdir, "features", qstore)) as st:
+    index, names, voc, scfg, vcfg = load_index_dir(res["index_dir"], threads=1)
+    with FeatureStore(res["query_store"]) as st:
         qdesc = read_descriptors(st, [j.name for j in query_jobs(ds)], vcfg.descriptor, vcfg.beta)
     with Clock() as c:
         query_stage(index, voc, qdesc, scfg, progress=False)
@@ -93,8 +97,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", required=True, help="folder for stores, vocabulary, index, results")
     ap.add_argument("--data", default=None, help="shared data folder (default: $BOWR_SHARED_DATA or ../shared/data)")
+    ap.add_argument("--config", default=os.path.join(HERE, "..", "configs", "baseline.yaml"),
+                    help="experiment configuration (default: configs/baseline.yaml, OpenCV SIFT + RootSIFT)")
     ap.add_argument("--vocab-size", type=int, default=16384)
-    ap.add_argument("--workers", type=int, default=2, help="extraction processes")
+    ap.add_argument("--workers", type=int, default=None, help="extraction processes (default: the config's)")
     ap.add_argument("--single", type=int, default=20, help="images for the extraction timing (0: skip)")
     ap.add_argument("--time-vocab", action="store_true", help="fit the vocabulary once more to time it")
     args = ap.parse_args(argv)
@@ -105,26 +111,29 @@ def main(argv=None) -> int:
     if not os.path.isdir(root) or not os.path.isdir(train):
         print(f"skipped: {root} or {train} not found (set BOWR_SHARED_DATA)")
         return 0
-    cfg = ExperimentConfig()
+    cfg = load_config(args.config) if args.config else ExperimentConfig()
     cfg.vocab.size = args.vocab_size
-    cfg.extract.workers = args.workers
+    if args.workers:
+        cfg.extract.workers = args.workers
     os.makedirs(args.workdir, exist_ok=True)
     tfile = os.path.join(args.workdir, "timings.json")
     timings = json.load(open(tfile)) if os.path.exists(tfile) else {}
 
-    rows, dss = [], []
+    rows, dss, results = [], [], []
     for gnd in ("gnd_landmarks-dev-crop.json", "gnd_landmarks-dev.json"):
         res = run_experiment(root, train, args.workdir, cfg, gnd_file=gnd, log=lambda *a: None)
-        rows.append((f"sift bow-{args.vocab_size} {res['dataset']}", res))
+        rows.append((f"{cfg.extract.extractor} {cfg.search.method}-{args.vocab_size} {res['dataset']}", res))
         dss.append(RevisitedDataset(root, gnd))
+        results.append(res)
         if "extract_s_per_image" in res["timings"]:
             timings["batch_extract_wall_s_per_image"] = res["timings"]["extract_s_per_image"]
     if args.single:
-        timings["extract"] = time_extraction(dss[0], args.single, cfg.extract.max_side)
+        timings["extract"] = time_extraction(dss[0], args.single, cfg.extract.max_side, cfg.extract.extractor,
+                                             cfg.extract.params)
     if args.time_vocab:
         timings["vocab"] = time_vocabulary(args.workdir, cfg)
-    for ds in dss:
-        timings[f"query[{ds.name}]"] = time_queries(args.workdir, ds)
+    for ds, res in zip(dss, results):
+        timings[f"query[{ds.name}]"] = time_queries(res, ds)
     with open(tfile + ".tmp", "w") as fh:
         json.dump(timings, fh, indent=1)
     os.replace(tfile + ".tmp", tfile)

@@ -251,6 +251,7 @@ def run_experiment(dataset_root, train_images, workdir, cfg: ExperimentConfig | 
     res = evaluate(ranks, ds.gnd, cfg.eval.kappas)
     res.update(dataset=ds.name, gnd_file=ds.gnd_file, method=method,
                extractor=cfg.extract.extractor, timings=timings, n_db=len(ds.imlist), n_queries=len(ds.qimlist),
+               index_dir=idir, query_store=q_store,
                top10=[[ds.imlist[j] for j in ranks[:10, i]] for i in range(ranks.shape[1])])
     out = os.path.join(workdir, f"results-{ds.name}.json")
     with open(out + ".tmp", "w") as fh:
