@@ -85,6 +85,7 @@ def time_queries(res: dict, ds: RevisitedDataset) -> dict:
     from bowretrieval.pipeline import load_index_dir
 
     index, names, voc, scfg, vcfg = load_index_dir(res["index_dir"], threads=1)
+    voc.threads = 1  # one thread for the word search too
     with FeatureStore(res["query_store"]) as st:
         qdesc = read_descriptors(st, [j.name for j in query_jobs(ds)], vcfg.descriptor, vcfg.beta)
     with Clock() as c:
