@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -419,6 +421,79 @@ class Database:
         if len(db.feat_indptr) != ivf.n_images_ + 1:
             raise IndexFormatError(f"{path}: feat_indptr disagrees with n_images; rebuild the index")
         return db
+
+
+def build_on_disk(codebook: Codebook, descriptors, path, method: str = "asmk", names=None, threads: int = 1,
+                  progress: bool = False, n_images: int | None = None, chunk_features: int = 500_000,
+                  run_bytes: int = 1 << 30, mem_bytes: int = 1 << 30, workdir=None, **params) -> str:
+    """Step 2 for collections larger than memory: the directory ``build(...).save(path)`` writes,
+    byte for byte in its arrays, without holding the index, the descriptors or the per-feature words
+    in memory. ``descriptors`` is any iterable of (N_i, D) arrays, one per image in database order
+    (a generator reading a feature store image by image is fine; ``n_images`` sizes the progress
+    bar). Images are encoded in chunks of about ``chunk_features`` features; the inverted file is
+    built by ``InvertedFile.build_on_disk`` (sorted runs of ``run_bytes`` merged word range by word
+    range, ~``mem_bytes`` of working memory), and the per-feature words for spatial verification are
+    appended to a temporary file. Atomic: on any error nothing is left at ``path``. Open the result
+    with ``Database.load(path)``."""
+    mp = MethodParams(method=method, **params)
+    ht = mp.hqe_ht if mp.method == "hqe" else None
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.words-", dir=workdir or os.path.dirname(path))
+    wfile = os.path.join(tmpdir, "feat_words.bin")
+    counts = []
+
+    def chunks():
+        bar = tqdm(total=n_images, desc=f"index ({mp.method}, on disk)", unit="img", disable=not progress)
+        with open(wfile, "wb") as fh:
+            chunk, nf = [], 0
+            for d in descriptors:
+                d = check_descriptors(d, f"descriptors of image {len(counts) + len(chunk)}", codebook.centroids_.shape[1])
+                if chunk and nf + len(d) > chunk_features:
+                    yield encode(chunk, fh)
+                    bar.update(len(chunk))
+                    chunk, nf = [], 0
+                chunk.append(d)
+                nf += len(d)
+            if chunk:
+                yield encode(chunk, fh)
+                bar.update(len(chunk))
+        bar.close()
+
+    def encode(chunk, fh):
+        if mp.kind == "bow":
+            A = [codebook.assign(d, mp.db_ma) if len(d) else np.zeros((0, mp.db_ma), np.int32) for d in chunk]
+            Acat = np.concatenate(A).astype(np.int32)
+            img = np.repeat(np.repeat(np.arange(len(chunk)), [len(a) for a in A]), Acat.shape[1])
+            out = dict(words=Acat.reshape(-1), image_ids=img, n_images=len(chunk))
+        else:
+            w, im, sigs, fid, Acat = codebook.encode(chunk, mp.db_ma, mp.kind == "asmk", threads)
+            out = dict(words=w, image_ids=im, payload=sigs, feature_ids=fid if mp.kind == "smk" else None,
+                       n_images=len(chunk))
+        fh.write(np.ascontiguousarray(Acat, np.int32).tobytes())
+        counts.extend(len(d) for d in chunk)
+        return out
+
+    def extra_arrays():
+        n = np.asarray(counts, np.int64)
+        total = int(n.sum())
+        words = (np.memmap(wfile, np.int32, "r", shape=(total, mp.db_ma)) if total
+                 else np.zeros((0, mp.db_ma), np.int32))
+        return dict(feat_indptr=np.concatenate([[0], np.cumsum(n)]).astype(np.int64), feat_words=words,
+                    centroids=codebook.centroids_, projection=codebook.projection_, medians=codebook.medians_)
+
+    def extra_meta():
+        if names is not None and len(names) != len(counts):
+            raise DataError(f"build_on_disk: {len(names)} names for {len(counts)} images")
+        return dict(method=asdict(mp), codebook=dict(format="bowretrieval.codebook/1", params=codebook.get_params(),
+                    vocabulary=codebook.vocabulary_.get_params()), names=list(names) if names is not None else None)
+
+    try:
+        return InvertedFile.build_on_disk(path, chunks(), codebook.size, mp.kind, mp.alpha, mp.tau, ht,
+                                          run_bytes=run_bytes, mem_bytes=mem_bytes, workdir=workdir,
+                                          extra_arrays=extra_arrays, extra_meta=extra_meta)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def build(codebook: Codebook, descriptors, method: str = "asmk", names=None, threads: int = 1,

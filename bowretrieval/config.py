@@ -50,6 +50,8 @@ class SearchConfig:
     threads: int = _f(2, "scoring threads")
     alpha: float = _f(3.0, "smk/asmk/hqe selectivity exponent: sigma(u) = sign(u)|u|^alpha")
     tau: float = _f(0.0, "smk/asmk selectivity threshold on u = 1 - 2 h / 128 (hqe: Hamming 48)")
+    out_of_core: bool = _f(False, "smk/asmk/hqe: build the index on disk, reading the feature store image by "
+                                  "image (collections larger than memory; docs/index_format.md)")
 
 
 @dataclass

@@ -279,6 +279,9 @@ class InvertedFile:
         way. Peak memory is about 2 x run_bytes + mem_bytes plus one chunk, whatever the index
         size; disk needs the index size twice (runs + index) until the runs are deleted.
 
+        ``extra_arrays`` / ``extra_meta`` (as for ``save``) may also be callables returning the dict,
+        called once every chunk has been consumed.
+
         The result is the same directory, byte for byte in its arrays, as ``add`` of the same
         chunks, ``compact`` and ``save``: ``InvertedFile.load`` opens it. Runs go to a temporary
         directory under ``workdir`` (default: inside the temporary index directory); the index is
@@ -313,6 +316,10 @@ class InvertedFile:
                     raise DataError(f"build_on_disk: more than {MAX_IMAGES} images exceed the uint32 "
                                     "image ids of one index; split the collection into shards")
             flush()
+            if callable(extra_arrays):  # arrays that exist only once the chunks are consumed
+                extra_arrays = extra_arrays()
+            if callable(extra_meta):
+                extra_meta = extra_meta()
             _merge_runs(tmp, runs, params, mem_bytes, extra_arrays, extra_meta)
             shutil.rmtree(rundir)
             rundir = None

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .bow import BowIndex
 from .config import ExperimentConfig, ExtractConfig, SearchConfig, VocabConfig, save_config, to_dict
-from .errors import BowRetrievalError, DataError, FeatureStoreError
+from .errors import BowRetrievalError, ConfigError, DataError, FeatureStoreError
 from .extract import ExtractJob, extract_to_store, jobs_from_paths
 from .featurestore import FeatureStore
 from .imageio import list_images
@@ -77,6 +77,24 @@ def index_stage(db_store_path, names, voc: Vocabulary, scfg: SearchConfig, vcfg:
 
     if scfg.method not in METHODS:
         raise DataError(f"search.method {scfg.method!r} is not one of {', '.join(METHODS)}")
+    if scfg.out_of_core:
+        if scfg.method == "bow":
+            raise ConfigError("search.out_of_core needs search.method smk, asmk or hqe (the bow index keeps "
+                              "every feature's word in memory for verification)")
+        if not out_dir:
+            raise ConfigError("search.out_of_core needs an index directory to build into")
+        from .asmk import Codebook, Database, build_on_disk
+
+        os.makedirs(out_dir, exist_ok=True)
+        with FeatureStore(db_store_path) as st:
+            descs = (st.descriptors(n, vcfg.descriptor, beta=vcfg.beta) if n in st else np.zeros((0, 128), np.float32)
+                     for n in names)
+            build_on_disk(Codebook.from_vocabulary(voc), descs, os.path.join(out_dir, "asmk"), scfg.method,
+                          names=names, threads=scfg.threads, progress=progress, n_images=len(names),
+                          alpha=scfg.alpha, tau=scfg.tau, query_ma=scfg.query_ma, db_ma=scfg.db_ma)
+        index = Database.load(os.path.join(out_dir, "asmk"), threads=scfg.threads)
+        _save_index_meta(out_dir, None, names, voc, scfg, vcfg, extract_cfg, image_root, db_store_path)
+        return index
     with FeatureStore(db_store_path) as st:
         descs = read_descriptors(st, names, vcfg.descriptor, vcfg.beta, progress, "load database features")
     if scfg.method == "bow":
@@ -89,20 +107,26 @@ def index_stage(db_store_path, names, voc: Vocabulary, scfg: SearchConfig, vcfg:
         index = build(Codebook.from_vocabulary(voc), descs, scfg.method, names=names, threads=scfg.threads,
                       progress=progress, alpha=scfg.alpha, tau=scfg.tau, query_ma=scfg.query_ma, db_ma=scfg.db_ma)
     if out_dir:
-        if extract_cfg is None:
-            with FeatureStore(db_store_path) as st:
-                extract_cfg = ExtractConfig(extractor=st.extractor, params=st.extractor_params,
-                                            max_side=int(st._h5.attrs.get("max_side", 0)))
-        save_index_dir(out_dir, index, names, voc, scfg, vcfg, extract_cfg, image_root, db_store_path)
+        _save_index_meta(out_dir, index, names, voc, scfg, vcfg, extract_cfg, image_root, db_store_path)
     return index
+
+
+def _save_index_meta(out_dir, index, names, voc, scfg, vcfg, extract_cfg, image_root, db_store_path):
+    if extract_cfg is None:
+        with FeatureStore(db_store_path) as st:
+            extract_cfg = ExtractConfig(extractor=st.extractor, params=st.extractor_params,
+                                        max_side=int(st._h5.attrs.get("max_side", 0)))
+    save_index_dir(out_dir, index, names, voc, scfg, vcfg, extract_cfg, image_root, db_store_path)
 
 
 def save_index_dir(out_dir, index: BowIndex, names, voc: Vocabulary, scfg, vcfg, extract_cfg=None, image_root=None,
                    features=None):
-    """An index directory: bow/ (versioned posting lists), names.json (image names, the search and
-    vocabulary settings, and the extractor settings queries must be described with), vocab.npz."""
+    """An index directory: bow/ or asmk/ (versioned posting lists), names.json (image names, the search
+    and vocabulary settings, and the extractor settings queries must be described with), vocab.npz.
+    ``index`` None: the posting lists are already there (built on disk)."""
     os.makedirs(out_dir, exist_ok=True)
-    index.save(os.path.join(out_dir, "bow" if isinstance(index, BowIndex) else "asmk"))
+    if index is not None:
+        index.save(os.path.join(out_dir, "bow" if isinstance(index, BowIndex) else "asmk"))
     voc.save(os.path.join(out_dir, "vocab.npz"))
     tmp = os.path.join(out_dir, "names.json.tmp")
     meta = {"names": list(names), "search": to_dict(scfg), "vocab": to_dict(vcfg),

@@ -187,6 +187,19 @@ def test_cli_builds_and_searches_an_asmk_index(tmp_path, capsys):
     capsys.readouterr()
     assert main(["search", str(idx), str(imgs / "a1.png"), "--top", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["top"] == ["a1.png"]
+    # the same index built on disk, image by image from the store (search.out_of_core)
+    ooc = tmp_path / "idx-ooc"
+    assert main(["index", "build", "--features", str(store), "--vocab", str(voc), "--out", str(ooc),
+                 "--quiet", "--method", "asmk", "--set", "search.out_of_core=true"]) == 0
+    a = json.load(open(idx / "asmk" / "manifest.json"))["arrays"]
+    b = json.load(open(ooc / "asmk" / "manifest.json"))["arrays"]
+    assert {k: v["crc32"] for k, v in a.items()} == {k: v["crc32"] for k, v in b.items()}
+    capsys.readouterr()
+    assert main(["search", str(ooc), str(imgs / "a2.png"), "--top", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["top"] == ["a2.png"]
+    assert main(["index", "build", "--features", str(store), "--vocab", str(voc), "--out", str(tmp_path / "x"),
+                 "--quiet", "--method", "bow", "--set", "search.out_of_core=true"]) != 0
+    assert "out_of_core needs search.method" in capsys.readouterr().err
 
 
 def test_cli_index_verify_reports_checksum_damage(world, tmp_path, capsys):
@@ -203,3 +216,44 @@ def test_cli_index_verify_reports_checksum_damage(world, tmp_path, capsys):
         fh.write(bytes([last[0] ^ 0xFF]))
     assert main(["index", "verify", str(tmp_path / "idx")]) == 1
     assert "CRC32" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["asmk", "smk", "hqe", "bow"])
+def test_build_on_disk_equals_build_and_save(world, tmp_path, method):
+    """Out-of-core build from a generator: the same arrays, byte for byte, as build(...).save()."""
+    import json
+
+    _, _, cb, db, queries = world
+    db = db[:12] + [np.zeros((0, 128), np.float32)] + db[12:]   # an image without features
+    names = [f"im{i}" for i in range(len(db))]
+    asmk.build(cb, db, method=method, names=names).save(tmp_path / "mem")
+    out = asmk.build_on_disk(cb, (d for d in db), tmp_path / "disk", method=method, names=names,
+                             chunk_features=90, run_bytes=600, mem_bytes=400)
+    assert out == str(tmp_path / "disk")
+    man = {k: json.load(open(tmp_path / k / "manifest.json")) for k in ("mem", "disk")}
+    assert man["mem"]["arrays"].keys() == man["disk"]["arrays"].keys()
+    for name, e in man["mem"]["arrays"].items():
+        assert e["crc32"] == man["disk"]["arrays"][name]["crc32"], name
+        assert e["shape"] == man["disk"]["arrays"][name]["shape"], name
+    a, b = asmk.Database.load(tmp_path / "mem"), asmk.Database.load(tmp_path / "disk", verify=True)
+    assert b.names == names and b.params.method == method
+    np.testing.assert_array_equal(a.query(queries, 10).ids, b.query(queries, 10).ids)
+    np.testing.assert_array_equal(a.image_words(13), b.image_words(13))
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]   # no temporary files left
+
+
+def test_build_on_disk_failure_leaves_nothing(world, tmp_path):
+    _, _, cb, db, _ = world
+
+    def broken():
+        yield from db[:10]
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        asmk.build_on_disk(cb, broken(), tmp_path / "x", chunk_features=50)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(Exception, match="dimension"):
+        asmk.build_on_disk(cb, [np.zeros((3, 64), np.float32)], tmp_path / "y")
+    with pytest.raises(Exception, match="2 names for 3 images"):
+        asmk.build_on_disk(cb, db[:3], tmp_path / "z", names=["a", "b"])
+    assert os.listdir(tmp_path) == []
