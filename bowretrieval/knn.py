@@ -29,21 +29,29 @@ class ExactKnn:
     """Exact nearest-word search over fixed ``centroids`` (K, D) float32.
 
     screen_dims: PCA coordinates used by the int8 screen (rounded up to a multiple of 4, at most D
-    rounded up); 48 suits 128-D SIFT-like descriptors. threads: parallel chunks of descriptors.
+    rounded up), or "auto": the fewest (a multiple of 8, 32 to 64) that hold 96% of the words'
+    variance (48 for a SIFT vocabulary, 64 for a Hessian-Affine one; fewer dimensions screen faster
+    but rule out fewer words). threads: parallel chunks of descriptors.
     """
 
-    def __init__(self, centroids, screen_dims: int = 48, threads: int = 1):
+    AUTO_VARIANCE = 0.96
+
+    def __init__(self, centroids, screen_dims="auto", threads: int = 1):
         C = np.ascontiguousarray(centroids, dtype=np.float32)
         if C.ndim != 2 or C.shape[0] < 1 or not np.isfinite(C).all():
             raise ValueError("centroids must be a finite (K, D) array with K >= 1")
         K, D = C.shape
-        P = int(min(max(4, -(-int(screen_dims) // 4) * 4), -(-D // 4) * 4))
-        self.centroids, self.threads, self.screen_dims = C, int(threads), P
         C64 = C.astype(np.float64)
         self.mean = C64.mean(0)
         # orthonormal basis of the words' principal axes, largest variance first (zero columns when P > D)
         Z = C64 - self.mean
         evals, evecs = np.linalg.eigh(Z.T @ Z)
+        if screen_dims == "auto":
+            ev = np.maximum(evals[::-1], 0)
+            frac = np.cumsum(ev) / ev.sum() if ev.sum() > 0 else np.ones(D)
+            screen_dims = next((p for p in range(32, 65, 8) if p >= D or frac[p - 1] >= self.AUTO_VARIANCE), 64)
+        P = int(min(max(4, -(-int(screen_dims) // 4) * 4), -(-D // 4) * 4))
+        self.centroids, self.threads, self.screen_dims = C, int(threads), P
         basis = np.zeros((D, P))
         m = min(P, D)
         basis[:, :m] = evecs[:, ::-1][:, :m]

@@ -129,3 +129,14 @@ def test_vocabulary_assign_uses_it_and_agrees_with_faiss(monkeypatch):
     voc.exact_kernel = "bogus"
     with pytest.raises(DataError, match="exact_kernel"):
         voc.assign(X[:2], 1)
+
+
+def test_auto_screen_dims_follow_the_words_variance():
+    rng = np.random.default_rng(9)
+    A = rng.standard_normal((24, 128))
+    low = (rng.standard_normal((3000, 24)) @ A + 0.01 * rng.standard_normal((3000, 128))).astype(np.float32)
+    iso = rng.standard_normal((3000, 128)).astype(np.float32)
+    assert knn.ExactKnn(low).screen_dims == 32          # 24 axes hold nearly all the variance
+    assert knn.ExactKnn(iso).screen_dims == 64          # no axis stands out: the widest screen
+    assert knn.ExactKnn(iso[:, :20]).screen_dims == 20  # never more than the dimension
+    assert knn.ExactKnn(iso, screen_dims=16).screen_dims == 16
