@@ -362,11 +362,11 @@ class Database:
             # count distinct query features per image (a feature with MA may hit several words)
             per_img = np.bincount(img, minlength=self.n_images) if len(img) else np.zeros(self.n_images, int)
             reliable = np.nonzero(per_img >= p.hqe_min_matches)[0]
-            expanded.append(self._hqe_expand(qw, qs, reliable))
+            expanded.append(self.hqe_expand(qw, qs, reliable))
         ids, scores = ivf.search(expanded, top)
         return ids, scores
 
-    def _hqe_expand(self, qw, qs, reliable):
+    def hqe_expand(self, qw, qs, reliable):
         """The query's own entries plus, for every word not in the query that is present in at least
         max(hqe_min_images, hqe_word_fraction * |reliable|) reliable images, one signature: the bitwise
         majority vote (ties -> 0) of the reliable images' features in that word."""

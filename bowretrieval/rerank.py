@@ -262,7 +262,7 @@ class VerifiedSearch:
         if not ids:
             return None
         if self.qe == "hqe":
-            expanded = self.index._hqe_expand(enc[0], enc[1], np.asarray(ids, np.int64))
+            expanded = self.index.hqe_expand(enc[0], enc[1], np.asarray(ids, np.int64))
             return self.index.ivf.search([expanded], None)[0][0]
         sets = expansion_sets(ver, ids, self.db, q.region)
         if not sets:

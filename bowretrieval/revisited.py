@@ -182,8 +182,10 @@ class RevisitedDataset:
                 raise DataError(f"{self.root}: no gnd_<name>.json / .pkl ground-truth file")
             jsons = [c for c in cands if c.endswith(".json")]
             gnd_file = (jsons or cands)[0]
-        if not os.path.isabs(gnd_file) and not os.path.exists(gnd_file):
-            gnd_file = os.path.join(self.root, gnd_file)
+        if not os.path.isabs(gnd_file):
+            # a relative name is looked up in the dataset folder first, then from the working directory
+            in_root = os.path.join(self.root, gnd_file)
+            gnd_file = in_root if os.path.exists(in_root) or not os.path.exists(gnd_file) else gnd_file
         self.gnd_file = gnd_file
         self.name = os.path.splitext(os.path.basename(gnd_file))[0][len("gnd_"):]
         cfg = load_gnd(gnd_file)

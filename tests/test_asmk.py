@@ -93,7 +93,7 @@ def test_hqe_expansion_adds_frequent_reliable_words_with_majority_signatures(wor
     imgs = (0, 1, 2)
     words_by_img = [set(d.image_words(i)[:, 0].tolist()) for i in imgs]
     frequent = {w for w in range(32) if sum(w in s for s in words_by_img) >= 2} - {1}
-    new_w, new_s = d._hqe_expand(qw, qs, np.array(imgs))
+    new_w, new_s = d.hqe_expand(qw, qs, np.array(imgs))
     assert new_w[0] == 1 and (new_s[0] == 0).all()  # the query's own entries come first, unchanged
     assert set(new_w[1:].tolist()) == frequent and len(frequent) > 0
     for word, sig in zip(new_w[1:], new_s[1:]):  # the majority of the reliable images' bits

@@ -166,3 +166,19 @@ def test_empty_texture_dir_is_refused(tmp_path):
     with pytest.raises(DataError, match="no images"):
         synthetic.generate(tmp_path / "ds", n_landmarks=1, views_per_landmark=2, queries_per_landmark=1,
                            texture_dir=tmp_path)
+
+
+def test_relative_ground_truth_name_prefers_the_dataset_folder(tiny, tmp_path, monkeypatch):
+    """A gnd file of the same name in the working directory does not shadow the dataset's."""
+    import shutil
+
+    name = os.path.basename(RevisitedDataset(tiny.root).gnd_file)
+    monkeypatch.chdir(tmp_path)
+    with open(tmp_path / name, "w") as fh:
+        fh.write("not json")
+    ds = RevisitedDataset(tiny.root, name)
+    assert os.path.dirname(os.path.abspath(ds.gnd_file)) == os.path.abspath(tiny.root)
+    # a file that exists only relative to the working directory is still found
+    other = tmp_path / "gnd_copy.json"
+    shutil.copy(os.path.join(tiny.root, name), other)
+    assert RevisitedDataset(tiny.root, "gnd_copy.json").name == "copy"
