@@ -141,6 +141,16 @@ static inline int64_t next_le(const float *v, int64_t pos, int64_t n, float thr,
     return next_le_scalar(v, pos, n, thr);
 }
 
+static inline void prefetch_word(const float *c, int D)
+{
+#if defined(__GNUC__)
+    for (int t = 0; t < D; t += 16) __builtin_prefetch(c + t, 0, 3);
+#else
+    (void)c;
+    (void)D;
+#endif
+}
+
 /* sorted insertion into the k best (d ascending, then index ascending) */
 static inline int better(float d, int64_t j, float bd, int64_t bj) { return d < bd || (d == bd && j < bj); }
 
@@ -235,14 +245,20 @@ int knn_search_impl(const knn_index *ix, const float *X, const float *Xp, int64_
             float bd[KNN_MAX_K];
             int32_t bi[KNN_MAX_K];
             int bc = 0;
+            for (int s = 0; s < sc; s++) prefetch_word(ix->cent + (size_t)si[s] * D, D);
             for (int s = 0; s < sc; s++) insert(bd, bi, &bc, k, sqdist(x, ix->cent + (size_t)si[s] * D, D), si[s]);
             exact += sc;
             /* every other word whose lower bound is within T */
             const float eps = ex[q] + ix->c_err;
             thr = val_threshold(bd[k - 1], eps, xn[q]);
-            pos = 0;
-            while ((j = next_le(v, pos, K, thr, simd)) < K) {
-                pos = j + 1;
+            /* one candidate of look-ahead: its word is fetched from memory while the current one is
+             * computed (the look-ahead used the previous, larger threshold: it may admit a word the
+             * newer one would skip, which only costs an exact distance) */
+            int64_t jn = next_le(v, 0, K, thr, simd);
+            if (jn < K) prefetch_word(ix->cent + (size_t)jn * D, D);
+            while ((j = jn) < K) {
+                jn = next_le(v, j + 1, K, thr, simd);
+                if (jn < K) prefetch_word(ix->cent + (size_t)jn * D, D);
                 int seen = 0;
                 for (int s = 0; s < sc; s++)
                     if (si[s] == j) {
