@@ -496,6 +496,88 @@ def build_on_disk(codebook: Codebook, descriptors, path, method: str = "asmk", n
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+def merge_database_shards(shard_paths, path, mem_bytes: int = 1 << 30, verify: bool = False, workdir=None) -> str:
+    """One database directory at ``path`` from database directories built separately (by
+    ``build_on_disk`` or ``build(...).save``) with the same codebook and method parameters; shard
+    k's images follow shard k-1's. The posting lists are merged out of core by
+    ``InvertedFile.merge_shards_to_disk`` (idf and normalisers recomputed over the whole
+    collection); the per-feature words are concatenated through a temporary file (under
+    ``workdir``, default next to ``path``), ``feat_indptr`` with each shard's offset, the names
+    joined. Every array equals, byte for byte, that of one build over the shards' images in the
+    same order. Shards that disagree (method parameters, codebook, kind) or repeat an image name
+    raise a DataError before anything is written; on any error nothing is left at ``path``."""
+    from .invfile import read_manifest
+
+    shard_paths = [os.fspath(p) for p in shard_paths]
+    if not shard_paths:
+        raise DataError("merge_database_shards: no shards given")
+    cb_arrays = ("centroids", "projection", "medians")
+
+    def fingerprint(sp, man):
+        arrs = man.get("arrays", {})
+        missing = [k for k in ("feat_indptr", "feat_words") + cb_arrays if k not in arrs] + \
+                  [k for k in ("method", "codebook") if k not in man]
+        if missing:
+            raise IndexFormatError(f"{sp}: not a bowretrieval.asmk database ({missing[0]!r} missing); "
+                                   "build the shards with asmk.build_on_disk")
+        return dict(params=man["params"], method=man["method"], codebook=man["codebook"],
+                    **{k: [arrs[k][f] for f in ("dtype", "shape", "crc32")] for k in cb_arrays},
+                    feat_words=[arrs["feat_words"]["dtype"], arrs["feat_words"]["shape"][1:]])
+
+    mans = [read_manifest(sp) for sp in shard_paths]
+    ref = fingerprint(shard_paths[0], mans[0])
+    for sp, man in zip(shard_paths[1:], mans[1:]):
+        fp = fingerprint(sp, man)
+        if fp != ref:
+            diff = ", ".join(f"{k}: {fp[k]} vs {ref[k]}" for k in ref if fp[k] != ref[k])
+            raise DataError(f"merge_database_shards: {sp} was not built like {shard_paths[0]} ({diff}); "
+                            "build every shard with the same codebook and method parameters")
+    names = [man.get("names") for man in mans]
+    if all(n is None for n in names):
+        names = None
+    elif any(n is None for n in names):
+        raise DataError("merge_database_shards: some shards record image names and others do not")
+    else:
+        names = [n for ns in names for n in ns]
+        if len(set(names)) != len(names):
+            from collections import Counter
+
+            dup = sorted(n for n, c in Counter(names).items() if c > 1)[:3]
+            raise DataError(f"merge_database_shards: image(s) {dup} appear in more than one shard")
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.words-", dir=workdir or os.path.dirname(path))
+
+    def extra_arrays():
+        ptrs, words, base = [np.zeros(1, np.int64)], [], 0
+        for sp, man in zip(shard_paths, mans):
+            ptr = np.load(os.path.join(sp, man["arrays"]["feat_indptr"]["file"]), allow_pickle=False)
+            fw = np.load(os.path.join(sp, man["arrays"]["feat_words"]["file"]), mmap_mode="r", allow_pickle=False)
+            if len(ptr) != int(man["n_images"]) + 1 or int(ptr[-1]) != len(fw):
+                raise IndexFormatError(f"{sp}: feat_indptr disagrees with n_images / feat_words; rebuild the shard")
+            ptrs.append(np.asarray(ptr[1:], np.int64) + base)
+            words.append(fw)
+            base += int(ptr[-1])
+        ma = int(ref["feat_words"][1][0])
+        wfile = os.path.join(tmpdir, "feat_words.bin")
+        with open(wfile, "wb") as fh:
+            for fw in words:
+                step = max(1, (64 << 20) // (4 * ma))
+                for i in range(0, len(fw), step):
+                    fh.write(np.ascontiguousarray(fw[i:i + step], np.int32).tobytes())
+        fwords = np.memmap(wfile, np.int32, "r", shape=(base, ma)) if base else np.zeros((0, ma), np.int32)
+        cb = {k: np.load(os.path.join(shard_paths[0], mans[0]["arrays"][k]["file"]), allow_pickle=False)
+              for k in cb_arrays}
+        return dict(feat_indptr=np.concatenate(ptrs), feat_words=fwords, **cb)
+
+    meta = dict(method=mans[0]["method"], codebook=mans[0]["codebook"], names=names)
+    try:
+        return InvertedFile.merge_shards_to_disk(shard_paths, path, mem_bytes=mem_bytes, verify=verify,
+                                                 extra_arrays=extra_arrays, extra_meta=meta)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
 def build(codebook: Codebook, descriptors, method: str = "asmk", names=None, threads: int = 1,
           progress: bool = False, words=None, **params) -> Database:
     """Step 2: index database images (a list of (N_i, D) descriptor arrays) with ``method``."""

@@ -24,8 +24,8 @@ import sys
 from .errors import BowRetrievalError
 
 # modules adding command groups; each defines register(subparsers)
-PLUGINS: tuple = ("bowretrieval.cli_finetune", "bowretrieval.cli_sfm", "bowretrieval.cli_shortvec",
-                  "bowretrieval.cli_verify")
+PLUGINS: tuple = ("bowretrieval.cli_cluster", "bowretrieval.cli_finetune", "bowretrieval.cli_sfm",
+                  "bowretrieval.cli_shortvec", "bowretrieval.cli_verify")
 
 EPILOG = """steps:
   extract   detect and describe local features of a folder (or .txt list) of images into a

@@ -345,11 +345,14 @@ class InvertedFile:
         return _Run(self.indptr_, files, self.n_images_, self._df())
 
     @classmethod
-    def merge_shards_to_disk(cls, shard_paths, path, mem_bytes: int = 1 << 30, verify: bool = False) -> str:
+    def merge_shards_to_disk(cls, shard_paths, path, mem_bytes: int = 1 << 30, verify: bool = False,
+                             extra_arrays: dict | None = None, extra_meta: dict | None = None) -> str:
         """Merge saved index directories (shard k's images follow shard k-1's) into a new index
         directory at ``path`` without loading them: the out-of-core counterpart of
         ``merge_shards``, written atomically, with about ``mem_bytes`` of working memory.
-        ``verify`` checks every shard's CRC32s first. Owner extras of the shards are not carried."""
+        ``verify`` checks every shard's CRC32s first. Owner extras of the shards are not carried:
+        the owner passes the merged ones as ``extra_arrays`` / ``extra_meta`` (dicts, or callables
+        returning them, called once the shards are checked; ``asmk.merge_database_shards`` does)."""
         shard_paths = [os.fspath(p) for p in shard_paths]
         if not shard_paths:
             raise DataError("merge_shards_to_disk: no shards given")
@@ -383,7 +386,11 @@ class InvertedFile:
             runs.append(_Run(indptr, files, int(man["n_images"]), df))
         path, tmp = _temp_sibling(path)
         try:
-            _merge_runs(tmp, runs, p0, mem_bytes)
+            if callable(extra_arrays):
+                extra_arrays = extra_arrays()
+            if callable(extra_meta):
+                extra_meta = extra_meta()
+            _merge_runs(tmp, runs, p0, mem_bytes, extra_arrays, extra_meta)
             _commit_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
