@@ -16,7 +16,7 @@ fill the tail of a ranking in id order. The GIL is released; queries run in para
 """
 import numpy as np
 cimport numpy as cnp
-from cython.parallel cimport prange, threadid
+from cython.parallel cimport parallel, prange, threadid
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
@@ -355,26 +355,35 @@ def residual_signatures(const float[:, ::1] X, const int64_t[::1] member, const 
     cdef float* r
     cdef float z, inv
     cdef int32_t w
+    cdef uint64_t bits
     cdef int nth = max(1, threads)
-    for g in prange(G, nogil=True, num_threads=nth, schedule="static"):
-        r = <float*>malloc(D * sizeof(float))
-        memset(r, 0, D * sizeof(float))
-        w = group_word[g]
-        for m in range(group_ptr[g], group_ptr[g + 1]):
-            i = member[m]
-            for k in range(D):
-                r[k] += X[i, k] - centroids[w, k]
-        inv = 1.0 / max(group_ptr[g + 1] - group_ptr[g], 1)
-        for b in range(128):
-            if proj:
-                z = 0
+    with nogil, parallel(num_threads=nth):
+        r = <float*>malloc(D * sizeof(float))   # one residual buffer per thread
+        for g in prange(G, schedule="static"):
+            memset(r, 0, D * sizeof(float))
+            w = group_word[g]
+            for m in range(group_ptr[g], group_ptr[g + 1]):
+                i = member[m]
                 for k in range(D):
-                    z = z + projection[b, k] * r[k]
-                z = z * inv
-            else:
-                z = r[b] * inv
-            if (med and z > medians[w, b]) or (not med and z > 0):
-                o[g, b >> 6] |= (<uint64_t>1) << (b & 63)
+                    r[k] += X[i, k] - centroids[w, k]
+            inv = 1.0 / max(group_ptr[g + 1] - group_ptr[g], 1)
+            # bits set without branches (residual signs are unpredictable)
+            for b in range(128):
+                if proj:
+                    z = 0
+                    for k in range(D):
+                        z = z + projection[b, k] * r[k]
+                    z = z * inv
+                else:
+                    z = r[b] * inv
+                if med:
+                    bits = <uint64_t>(z > medians[w, b])
+                else:
+                    bits = <uint64_t>(z > 0)
+                if b < 64:
+                    o[g, 0] = o[g, 0] | (bits << b)
+                else:
+                    o[g, 1] = o[g, 1] | (bits << (b - 64))
         free(r)
     return out
 
