@@ -287,17 +287,8 @@ class Database:
             while j < len(descriptors) and (j == i or nf + len(descriptors[j]) <= chunk_features):
                 nf += len(descriptors[j]); j += 1
             chunk = descriptors[i:j]
-            cw = None if words is None else words[i:j]
-            if p.kind == "bow":
-                A = ([cb.assign(d, p.db_ma) if len(d) else np.zeros((0, p.db_ma), np.int32) for d in chunk]
-                     if cw is None else [np.asarray(w, np.int32).reshape(len(d), -1) for w, d in zip(cw, chunk)])
-                Acat = np.concatenate(A) if A else np.zeros((0, p.db_ma), np.int32)
-                n = np.array([len(a) for a in A])
-                img = np.repeat(np.repeat(np.arange(len(chunk)), n), Acat.shape[1])
-                self.ivf.add(Acat.reshape(-1), img, n_images=len(chunk))
-            else:
-                w, im, sigs, fid, Acat = cb.encode(chunk, p.db_ma, p.kind == "asmk", self.threads, cw)
-                self.ivf.add(w, im, sigs, fid if p.kind == "smk" else None, n_images=len(chunk))
+            entries, Acat = _encode_chunk(cb, p, chunk, self.threads, None if words is None else words[i:j])
+            self.ivf.add(**entries)
             n = np.array([len(d) for d in chunk], np.int64)
             fptr.append(fptr[-1][-1] + np.cumsum(n))
             fwords.append(Acat.astype(np.int32))
@@ -423,6 +414,20 @@ class Database:
         return db
 
 
+def _encode_chunk(cb: Codebook, p: MethodParams, chunk, threads: int, words=None):
+    """``InvertedFile.add`` keywords for a chunk of database images, and their per-feature words
+    (N, db_ma) int32. ``words`` (per image (N_i, db_ma) arrays) skips assignment."""
+    if p.kind == "bow":
+        A = ([cb.assign(d, p.db_ma) if len(d) else np.zeros((0, p.db_ma), np.int32) for d in chunk]
+             if words is None else [np.asarray(w, np.int32).reshape(len(d), -1) for w, d in zip(words, chunk)])
+        Acat = np.concatenate(A) if A else np.zeros((0, p.db_ma), np.int32)
+        img = np.repeat(np.repeat(np.arange(len(chunk)), [len(a) for a in A]), Acat.shape[1])
+        return dict(words=Acat.reshape(-1), image_ids=img, n_images=len(chunk)), Acat
+    w, im, sigs, fid, Acat = cb.encode(chunk, p.db_ma, p.kind == "asmk", threads, words)
+    return dict(words=w, image_ids=im, payload=sigs, feature_ids=fid if p.kind == "smk" else None,
+                n_images=len(chunk)), Acat
+
+
 def build_on_disk(codebook: Codebook, descriptors, path, method: str = "asmk", names=None, threads: int = 1,
                   progress: bool = False, n_images: int | None = None, chunk_features: int = 500_000,
                   run_bytes: int = 1 << 30, mem_bytes: int = 1 << 30, workdir=None, **params) -> str:
@@ -461,15 +466,7 @@ def build_on_disk(codebook: Codebook, descriptors, path, method: str = "asmk", n
         bar.close()
 
     def encode(chunk, fh):
-        if mp.kind == "bow":
-            A = [codebook.assign(d, mp.db_ma) if len(d) else np.zeros((0, mp.db_ma), np.int32) for d in chunk]
-            Acat = np.concatenate(A).astype(np.int32)
-            img = np.repeat(np.repeat(np.arange(len(chunk)), [len(a) for a in A]), Acat.shape[1])
-            out = dict(words=Acat.reshape(-1), image_ids=img, n_images=len(chunk))
-        else:
-            w, im, sigs, fid, Acat = codebook.encode(chunk, mp.db_ma, mp.kind == "asmk", threads)
-            out = dict(words=w, image_ids=im, payload=sigs, feature_ids=fid if mp.kind == "smk" else None,
-                       n_images=len(chunk))
+        out, Acat = _encode_chunk(codebook, mp, chunk, threads)
         fh.write(np.ascontiguousarray(Acat, np.int32).tobytes())
         counts.extend(len(d) for d in chunk)
         return out

@@ -117,6 +117,18 @@ cdef void _finish(float* acc, uint8_t* mark, const uint32_t* touched, Py_ssize_t
         mark[touched[t]] = 0
 
 
+cdef inline void _finish_query(float* acc, uint8_t* mark, const uint32_t* touched, Py_ssize_t nt, bint dense,
+                               const uint32_t* every, const float* inv_norm, float q_scale, Py_ssize_t n_img,
+                               Py_ssize_t top, float* out_s, int64_t* out_i) noexcept nogil:
+    """_finish over the touched list, or, for a dense query, over every image (``every`` = 0..n_img-1):
+    all count as touched and those at 0 fall back to untouched in _finish."""
+    if dense:
+        memset(mark, 1, n_img)
+        _finish(acc, mark, every, n_img, inv_norm, q_scale, n_img, top, out_s, out_i)
+    else:
+        _finish(acc, mark, touched, nt, inv_norm, q_scale, n_img, top, out_s, out_i)
+
+
 cdef inline bint _dense(const int32_t* qw, Py_ssize_t nq, const int64_t* indptr, Py_ssize_t n_img) noexcept nogil:
     """Whether a query scans at least half as many entries as there are images: then nearly every
     image is touched, and accumulating without the touched list (then finishing over all images,
@@ -216,13 +228,8 @@ def search_tf(const int64_t[::1] q_indptr, const int32_t[::1] q_words, const flo
         nt = _acc_tf(&q_words[0] + q_indptr[i], &q_weights[0] + q_indptr[i], q_indptr[i + 1] - q_indptr[i],
                      &indptr[0], &ids[0], &tf[0], &acc_v[t, 0], &mark_v[t, 0], &tch[t, 0], dense) \
             if q_indptr[i + 1] > q_indptr[i] else 0
-        if dense:  # every image counts as touched; those at 0 fall back to untouched in _finish
-            memset(&mark_v[t, 0], 1, n_img)
-            _finish(&acc_v[t, 0], &mark_v[t, 0], idn, n_img, &inv_norm[0], q_scale[i], n_img, top,
-                    &os_[i, 0] if top > 0 else NULL, &oi[i, 0] if top > 0 else NULL)
-        else:
-            _finish(&acc_v[t, 0], &mark_v[t, 0], &tch[t, 0], nt, &inv_norm[0], q_scale[i], n_img, top,
-                    &os_[i, 0] if top > 0 else NULL, &oi[i, 0] if top > 0 else NULL)
+        _finish_query(&acc_v[t, 0], &mark_v[t, 0], &tch[t, 0], nt, dense, idn, &inv_norm[0], q_scale[i],
+                      n_img, top, &os_[i, 0] if top > 0 else NULL, &oi[i, 0] if top > 0 else NULL)
     return out_i, out_s
 
 
@@ -270,13 +277,8 @@ def search_sig(const int64_t[::1] q_indptr, const int32_t[::1] q_words, const ui
         nt = _acc_sig(qwp + q_indptr[i], qsp + 2 * q_indptr[i], qvp + q_indptr[i],
                       q_indptr[i + 1] - q_indptr[i], &indptr[0], idp, sp, &lut[0], ht,
                       &acc_v[t, 0], &mark_v[t, 0], &tch[t, 0], dense) if q_indptr[i + 1] > q_indptr[i] else 0
-        if dense:  # every image counts as touched; those at 0 fall back to untouched in _finish
-            memset(&mark_v[t, 0], 1, n_img)
-            _finish(&acc_v[t, 0], &mark_v[t, 0], idn, n_img, &inv_norm[0], q_scale[i], n_img, top,
-                    &os_[i, 0] if top > 0 else NULL, &oi[i, 0] if top > 0 else NULL)
-        else:
-            _finish(&acc_v[t, 0], &mark_v[t, 0], &tch[t, 0], nt, &inv_norm[0], q_scale[i], n_img, top,
-                    &os_[i, 0] if top > 0 else NULL, &oi[i, 0] if top > 0 else NULL)
+        _finish_query(&acc_v[t, 0], &mark_v[t, 0], &tch[t, 0], nt, dense, idn, &inv_norm[0], q_scale[i],
+                      n_img, top, &os_[i, 0] if top > 0 else NULL, &oi[i, 0] if top > 0 else NULL)
     return out_i, out_s
 
 

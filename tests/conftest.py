@@ -45,3 +45,18 @@ def write_image(path, img):
     os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
     assert cv2.imwrite(os.fspath(path), img)
     return path
+
+
+def write_blob_images(folder, n):
+    """``n`` distinct 320x240 images of random blurred ellipses, ``folder``/a<i>.png (seeded by i)."""
+    import cv2
+
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        img = np.full((240, 320), 128, np.float32)
+        for _ in range(60):
+            cv2.ellipse(img, (int(rng.integers(0, 320)), int(rng.integers(0, 240))),
+                        (int(rng.integers(2, 20)), int(rng.integers(2, 20))), float(rng.uniform(0, 180)), 0, 360,
+                        float(rng.uniform(0, 255)), -1)
+        write_image(os.path.join(folder, f"a{i}.png"),
+                    np.clip(cv2.GaussianBlur(img, (0, 0), 1.0), 0, 255).astype(np.uint8))

@@ -163,20 +163,11 @@ def test_loading_a_plain_inverted_file_as_database_is_a_clear_error(world, tmp_p
 def test_cli_builds_and_searches_an_asmk_index(tmp_path, capsys):
     import json
 
-    import cv2
-
     from bowretrieval.cli import main
-    from conftest import write_image
+    from conftest import write_blob_images
 
     imgs = tmp_path / "imgs"
-    for i in range(4):
-        rng = np.random.default_rng(i)
-        img = np.full((240, 320), 128, np.float32)
-        for _ in range(60):
-            cv2.ellipse(img, (int(rng.integers(0, 320)), int(rng.integers(0, 240))),
-                        (int(rng.integers(2, 20)), int(rng.integers(2, 20))), float(rng.uniform(0, 180)), 0, 360,
-                        float(rng.uniform(0, 255)), -1)
-        write_image(imgs / f"a{i}.png", np.clip(cv2.GaussianBlur(img, (0, 0), 1.0), 0, 255).astype(np.uint8))
+    write_blob_images(imgs, 4)
     store, voc, idx = tmp_path / "db.h5", tmp_path / "v.npz", tmp_path / "idx"
     assert main(["extract", str(imgs), "--out", str(store), "--quiet", "--workers", "1"]) == 0
     assert main(["vocab", "build", "--features", str(store), "--out", str(voc), "--quiet",

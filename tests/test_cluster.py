@@ -10,21 +10,7 @@ pytest.importorskip("dask", reason="dask not installed (optional extra: pip inst
 from bowretrieval import asmk, cluster  # noqa: E402
 from bowretrieval.cli import main  # noqa: E402
 from bowretrieval.errors import DataError  # noqa: E402
-
-
-def _images(folder, n):
-    import cv2
-
-    from conftest import write_image
-
-    for i in range(n):
-        rng = np.random.default_rng(i)
-        img = np.full((240, 320), 128, np.float32)
-        for _ in range(60):
-            cv2.ellipse(img, (int(rng.integers(0, 320)), int(rng.integers(0, 240))),
-                        (int(rng.integers(2, 20)), int(rng.integers(2, 20))), float(rng.uniform(0, 180)), 0, 360,
-                        float(rng.uniform(0, 255)), -1)
-        write_image(folder / f"a{i}.png", np.clip(cv2.GaussianBlur(img, (0, 0), 1.0), 0, 255).astype(np.uint8))
+from conftest import write_blob_images  # noqa: E402
 
 
 def _crcs(index_dir):
@@ -38,7 +24,7 @@ def built(tmp_path_factory):
     """7 images (one unreadable file among them) extracted both ways; vocabulary; the one-store index."""
     tmp = tmp_path_factory.mktemp("cluster")
     imgs = tmp / "imgs"
-    _images(imgs, 7)
+    write_blob_images(imgs, 7)
     (imgs / "a3b.png").write_bytes(b"not a png")  # sorts into the middle shard
     store, voc, idx = tmp / "db.h5", tmp / "v.npz", tmp / "idx"
     assert main(["extract", str(imgs), "--out", str(store), "--quiet", "--workers", "1"]) == 0
